@@ -1,0 +1,114 @@
+//! What each subcommand does, from parsed flags to an exit code.
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+use crate::config::{self, ConfigError};
+use crate::sim;
+use crate::telemetry;
+
+/// Runs the command and turns its result into an exit code: 0 done, 1 failed, 2 bad configuration.
+pub fn main(cli: Cli) -> ExitCode {
+    let format = match telemetry::parse_log_format(&cli.log_format) {
+        Ok(format) => format,
+        Err(error) => return config_error(&error),
+    };
+    telemetry::init(format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("dialer: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(error)) => config_error(&error),
+        Err(Failure::Other(error)) => {
+            eprintln!("dialer: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Why a command stopped.
+enum Failure {
+    /// A setting was wrong: exit 2 with one line.
+    Config(ConfigError),
+    /// Anything else: exit 1.
+    Other(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(error: ConfigError) -> Self {
+        Self::Config(error)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self::Other(error)
+    }
+}
+
+fn config_error(error: &ConfigError) -> ExitCode {
+    eprintln!("dialer: invalid configuration: {error}");
+    ExitCode::from(2)
+}
+
+async fn dispatch(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Sim(args) => {
+            let settings = sim_settings(&config::sim_config(&args)?, args.faults.as_deref())?;
+            sim::serve_until_ctrl_c(settings).await?;
+            Ok(())
+        }
+        Command::Run(_) => not_yet("run"),
+        Command::Check(_) => not_yet("check"),
+        Command::Enqueue(_) => not_yet("enqueue"),
+        Command::Dlq(_) => not_yet("dlq"),
+        Command::Topology(_) => not_yet("topology"),
+        Command::Demo(_) => not_yet("demo"),
+        Command::Bench(_) => not_yet("bench"),
+    }
+}
+
+fn not_yet(command: &str) -> Result<(), Failure> {
+    Err(Failure::Other(anyhow::anyhow!(
+        "`dialer {command}` is not available in this version yet"
+    )))
+}
+
+/// Turns the simulator's parsed flags into its settings (agents and faults are JSON).
+pub fn sim_settings(
+    cfg: &config::SimConfig,
+    faults_json: Option<&str>,
+) -> Result<sim::SimSettings, ConfigError> {
+    let agents = match &cfg.agents_json {
+        Some(json) => sim::parse_agents(json).map_err(|problem| ConfigError {
+            variable: "DIALER_SIM_AGENTS",
+            flag: "agents",
+            problem,
+        })?,
+        None => sim::SimAgent::demo_set(),
+    };
+    let faults = match faults_json.map(str::trim).filter(|f| !f.is_empty()) {
+        Some(json) => serde_json::from_str(json).map_err(|e| ConfigError {
+            variable: "DIALER_SIM_FAULTS",
+            flag: "faults",
+            problem: format!("not a faults object ({e}); expected e.g. {{\"latencyMs\": 300, \"errorRate\": 0.1}}"),
+        })?,
+        None => sim::Faults::default(),
+    };
+    Ok(sim::SimSettings {
+        addr: cfg.addr,
+        client_id: cfg.client_id.clone(),
+        client_secret: cfg.client_secret.expose().to_owned(),
+        agents,
+        rate_limit: cfg.rate_limit.count.get(),
+        rate_window: cfg.rate_limit.per,
+        token_ttl: cfg.token_ttl,
+        faults,
+    })
+}

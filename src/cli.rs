@@ -1,0 +1,172 @@
+//! The command line: subcommands and their flags, each flag backed by an environment variable.
+//!
+//! Values stay strings here; [`crate::config`] parses them so that a bad value is reported
+//! with the variable's name and what it accepts, whichever of flag or variable supplied it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Outbound dialer: dial jobs from RabbitMQ, calls placed through Genesys Cloud, result events back.
+#[derive(Debug, Parser)]
+#[command(name = "dialer", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format: text or json (the filter is RUST_LOG, default info).
+    #[arg(long, global = true, env = "DIALER_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands (contract §7).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The worker: consume dial jobs, place calls, publish result events.
+    Run(RunArgs),
+    /// A Genesys Cloud simulator for development, tests and benchmarks.
+    Sim(SimArgs),
+    /// Publish jobs from NDJSON (file or stdin) with confirms.
+    Enqueue(BrokerArgs),
+    /// Count, show and replay dead-lettered jobs.
+    Dlq(BrokerArgs),
+    /// Declare the queues and exchanges and exit.
+    Topology(BrokerArgs),
+    /// Prove the configuration: broker reachable, token obtained, permissions present.
+    Check(RunArgs),
+    /// The simulator, a worker and sample jobs in one process, with a summary.
+    Demo(BrokerArgs),
+    /// Measure throughput, rate precision, overhead and memory against a broker.
+    Bench(BrokerArgs),
+}
+
+/// Where the broker is and what the topology is called.
+#[derive(Debug, Args, Clone)]
+pub struct BrokerArgs {
+    /// AMQP URL of the broker (amqp:// or amqps://).
+    #[arg(
+        long,
+        env = "DIALER_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+    /// Prefix of every queue and exchange name.
+    #[arg(long, env = "DIALER_PREFIX", default_value = "dialer")]
+    pub prefix: String,
+    /// Type of the jobs queue: quorum or classic.
+    #[arg(long, env = "DIALER_QUEUE_TYPE", default_value = "quorum")]
+    pub queue_type: String,
+}
+
+/// How to reach and authenticate against Genesys Cloud.
+#[derive(Debug, Args, Clone)]
+pub struct GenesysArgs {
+    /// OAuth client id (client credentials grant).
+    #[arg(long, env = "GENESYS_CLIENT_ID")]
+    pub client_id: Option<String>,
+    /// OAuth client secret (prefer GENESYS_CLIENT_SECRET_FILE).
+    #[arg(long, env = "GENESYS_CLIENT_SECRET", hide_env_values = true)]
+    pub client_secret: Option<String>,
+    /// File holding the OAuth client secret (a mounted secret).
+    #[arg(long, env = "GENESYS_CLIENT_SECRET_FILE")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Region name (us-east-1, eu-west-1, …) or domain (mypurecloud.com).
+    #[arg(long, env = "GENESYS_ENVIRONMENT", default_value = "us-east-1")]
+    pub environment: String,
+    /// Override of the API base URL (scheme, host, port; no /api/v2).
+    #[arg(long, env = "GENESYS_API_BASE_URL")]
+    pub api_base_url: Option<String>,
+    /// Override of the login base URL (scheme, host, port).
+    #[arg(long, env = "GENESYS_LOGIN_BASE_URL")]
+    pub login_base_url: Option<String>,
+    /// Whole-request timeout of Genesys calls.
+    #[arg(long, env = "GENESYS_TIMEOUT", default_value = "10s")]
+    pub timeout: String,
+    /// Connect timeout of Genesys calls.
+    #[arg(long, env = "GENESYS_CONNECT_TIMEOUT", default_value = "5s")]
+    pub connect_timeout: String,
+}
+
+/// Flags of `dialer run` (and `dialer check`).
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// The broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Genesys Cloud.
+    #[command(flatten)]
+    pub genesys: GenesysArgs,
+    /// Jobs in flight per process (also the prefetch).
+    #[arg(long, env = "DIALER_CONCURRENCY", default_value = "32")]
+    pub concurrency: String,
+    /// Genesys API requests per second (N/s) or minute (N/min) for this process.
+    #[arg(long, env = "DIALER_RATE_LIMIT", default_value = "4/s")]
+    pub rate_limit: String,
+    /// Requests allowed back to back above the steady rate.
+    #[arg(long, env = "DIALER_RATE_BURST", default_value = "1")]
+    pub rate_burst: String,
+    /// Genesys attempts per job before `failed`.
+    #[arg(long, env = "DIALER_MAX_ATTEMPTS", default_value = "5")]
+    pub max_attempts: String,
+    /// Retry ambiguous answers (500/502/504, timeouts after sending); off means outcome `unknown`.
+    #[arg(long, env = "DIALER_RETRY_AMBIGUOUS", default_value = "false")]
+    pub retry_ambiguous: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "DIALER_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: String,
+    /// Decision store: file or memory (tests only).
+    #[arg(long, env = "DIALER_DECISIONS", default_value = "file")]
+    pub decisions: String,
+    /// Directory of the embedded decision store.
+    #[arg(long, env = "DIALER_STATE_DIR", default_value = "./dialer-state")]
+    pub state_dir: PathBuf,
+    /// How long SIGTERM waits for jobs in flight before requeueing them.
+    #[arg(long, env = "DIALER_SHUTDOWN_GRACE", default_value = "20s")]
+    pub shutdown_grace: String,
+    /// Name of this worker in result events (default: host name and process id).
+    #[arg(long, env = "DIALER_WORKER_NAME")]
+    pub worker_name: Option<String>,
+}
+
+/// Flags of `dialer sim`.
+#[derive(Debug, Args, Clone)]
+pub struct SimArgs {
+    /// Listen address (port 0 picks a free port).
+    #[arg(long, env = "DIALER_SIM_ADDR", default_value = "127.0.0.1:9900")]
+    pub addr: String,
+    /// The only client id the simulator accepts.
+    #[arg(long, env = "GENESYS_CLIENT_ID", default_value = "demo")]
+    pub client_id: String,
+    /// The only client secret the simulator accepts.
+    #[arg(
+        long,
+        env = "GENESYS_CLIENT_SECRET",
+        default_value = "demo-secret",
+        hide_env_values = true
+    )]
+    pub client_secret: String,
+    /// Agents: a JSON array of {"id","email","name","state"}, or the path of a file holding one.
+    #[arg(long, env = "DIALER_SIM_AGENTS")]
+    pub agents: Option<String>,
+    /// API requests allowed per token (N/s or N/min).
+    #[arg(long, env = "DIALER_SIM_RATE_LIMIT", default_value = "300/min")]
+    pub rate_limit: String,
+    /// `expires_in` of the tokens it issues.
+    #[arg(long, env = "DIALER_SIM_TOKEN_TTL", default_value = "86400s")]
+    pub token_ttl: String,
+    /// Faults active from the start, as the JSON accepted by PUT /sim/faults.
+    #[arg(long, env = "DIALER_SIM_FAULTS")]
+    pub faults: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

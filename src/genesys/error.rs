@@ -1,0 +1,288 @@
+//! What can go wrong talking to Genesys Cloud, and the one table that says what each failure means
+//! for a job (contract §5).
+
+use std::time::Duration;
+
+use super::model::ErrorBody;
+
+/// What a failure means for the job that hit it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Nothing was processed (429, 503, connection refused): retry after a wait.
+    Transient {
+        /// What the server asked for in `Retry-After`, when it did.
+        retry_after: Option<Duration>,
+    },
+    /// The request may have been processed but no clear answer came (500, 502, 504, a timeout
+    /// after sending, an unreadable 2xx). Retrying could ring somebody twice.
+    Ambiguous,
+    /// Genesys refused this job for good (400, 403 for this agent, 404, 409, 422).
+    Permanent,
+    /// Every job would fail the same way (credentials refused, a permission missing):
+    /// stop consuming rather than dead-letter the queue.
+    Systemic,
+    /// The token was refused (401): renew it and send once more.
+    RenewToken,
+}
+
+/// The classification table of contract §5, by error status and Genesys error code.
+pub fn classify_status(
+    status: u16,
+    code: Option<&str>,
+    retry_after: Option<Duration>,
+) -> ErrorClass {
+    match status {
+        401 => ErrorClass::RenewToken,
+        403 if matches!(
+            code,
+            Some("missing.permissions" | "missing.any.permissions")
+        ) =>
+        {
+            ErrorClass::Systemic
+        }
+        429 | 503 => ErrorClass::Transient { retry_after },
+        // 408 and 5xx other than 503: the request reached a server that may have acted on it.
+        408 | 500..=599 => ErrorClass::Ambiguous,
+        // 400, 403 (not.authorized for this agent), 404, 409, 422 and the other 4xx.
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// A failure talking to Genesys Cloud.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum GenesysError {
+    /// The API answered with an error status.
+    #[error("Genesys answered {status}{}: {}", code.as_deref().map(|c| format!(" {c}")).unwrap_or_default(), message)]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// `ErrorBody.code`.
+        code: Option<String>,
+        /// `ErrorBody.message`, or the start of the raw body.
+        message: String,
+        /// `ININ-Correlation-Id` (or `contextId`).
+        correlation_id: Option<String>,
+        /// `Retry-After`, when sent.
+        retry_after: Option<Duration>,
+    },
+    /// The token endpoint refused the credentials (400/401): every request would fail.
+    #[error("Genesys refused the OAuth client credentials ({status}): {message}")]
+    CredentialsRefused {
+        /// HTTP status of the token endpoint.
+        status: u16,
+        /// `error` / `error_description` of the answer.
+        message: String,
+    },
+    /// The API refused a token it had just been given (401 twice): the client is not allowed in.
+    #[error("Genesys refused a freshly issued token (401): {0}")]
+    TokenRejected(String),
+    /// The token endpoint could not be used (unreachable, 5xx, unreadable answer).
+    #[error("cannot obtain a Genesys token: {0}")]
+    TokenUnavailable(String),
+    /// Could not connect: nothing was sent.
+    #[error("cannot connect to Genesys: {0}")]
+    Connect(String),
+    /// The request timed out after it was (possibly) sent.
+    #[error("Genesys did not answer within the timeout")]
+    Timeout,
+    /// The connection broke after the request was (possibly) sent.
+    #[error("the connection to Genesys broke mid-request: {0}")]
+    Transport(String),
+    /// Not sent: shutdown started while the request waited for its turn.
+    #[error("not sent: the worker is shutting down")]
+    Cancelled,
+    /// A success answer whose body could not be read: the call may exist.
+    #[error("Genesys answered {status} with an unreadable body: {message}")]
+    UnreadableSuccess {
+        /// HTTP status.
+        status: u16,
+        /// What was wrong with it.
+        message: String,
+    },
+}
+
+impl GenesysError {
+    /// What this failure means for the job (contract §5).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Api {
+                status,
+                code,
+                retry_after,
+                ..
+            } => classify_status(*status, code.as_deref(), *retry_after),
+            Self::CredentialsRefused { .. }
+            | Self::TokenRejected(_)
+            | Self::TokenUnavailable(_) => ErrorClass::Systemic,
+            Self::Connect(_) | Self::Cancelled => ErrorClass::Transient { retry_after: None },
+            Self::Timeout | Self::Transport(_) | Self::UnreadableSuccess { .. } => {
+                ErrorClass::Ambiguous
+            }
+        }
+    }
+
+    /// A short machine-readable name for events, headers and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Api { status: 429, .. } => "rate_limited",
+            Self::Api { .. } => match self.class() {
+                ErrorClass::Transient { .. } => "unavailable",
+                ErrorClass::Ambiguous => "ambiguous",
+                ErrorClass::Systemic => "missing_permissions",
+                ErrorClass::RenewToken => "unauthorized",
+                ErrorClass::Permanent => "refused",
+            },
+            Self::CredentialsRefused { .. } => "credentials_refused",
+            Self::TokenRejected(_) => "token_rejected",
+            Self::TokenUnavailable(_) => "token_unavailable",
+            Self::Connect(_) => "connect",
+            Self::Cancelled => "cancelled",
+            Self::Timeout => "timeout",
+            Self::Transport(_) => "transport",
+            Self::UnreadableSuccess { .. } => "unreadable_answer",
+        }
+    }
+
+    /// HTTP status, when Genesys answered.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. }
+            | Self::CredentialsRefused { status, .. }
+            | Self::UnreadableSuccess { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Genesys's error code, when it sent one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// `ININ-Correlation-Id`, when Genesys sent one.
+    pub fn correlation_id(&self) -> Option<&str> {
+        match self {
+            Self::Api { correlation_id, .. } => correlation_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Builds an API error from a status, headers and body (an `ErrorBody` when it parses).
+    pub(crate) fn from_answer(
+        status: u16,
+        correlation_id: Option<String>,
+        retry_after: Option<Duration>,
+        body: &[u8],
+    ) -> Self {
+        let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
+        let (code, message, context_id) = match parsed {
+            Some(b) => (b.code, b.message, b.context_id),
+            None => (None, None, None),
+        };
+        let message = message.unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            if text.is_empty() {
+                "(no body)".to_owned()
+            } else {
+                text.chars().take(200).collect()
+            }
+        });
+        Self::Api {
+            status,
+            code,
+            message,
+            correlation_id: correlation_id.or(context_id),
+            retry_after,
+        }
+    }
+}
+
+/// Parses `Retry-After` in delta-seconds (what Genesys sends); HTTP dates are not used by Genesys.
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_classification_table_of_the_contract() {
+        let ra = Some(Duration::from_secs(3));
+        let cases = [
+            (429, None, ErrorClass::Transient { retry_after: ra }),
+            (503, None, ErrorClass::Transient { retry_after: ra }),
+            (401, Some("bad.credentials"), ErrorClass::RenewToken),
+            (500, None, ErrorClass::Ambiguous),
+            (502, None, ErrorClass::Ambiguous),
+            (504, Some("request.timeout"), ErrorClass::Ambiguous),
+            (400, Some("bad.request"), ErrorClass::Permanent),
+            (404, Some("not.found"), ErrorClass::Permanent),
+            (409, None, ErrorClass::Permanent),
+            (422, None, ErrorClass::Permanent),
+            (403, Some("not.authorized"), ErrorClass::Permanent),
+            (403, Some("missing.permissions"), ErrorClass::Systemic),
+            (403, Some("missing.any.permissions"), ErrorClass::Systemic),
+        ];
+        for (status, code, class) in cases {
+            assert_eq!(
+                classify_status(status, code, ra),
+                class,
+                "{status} {code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn transport_failures() {
+        assert_eq!(
+            GenesysError::Connect("refused".into()).class(),
+            ErrorClass::Transient { retry_after: None }
+        );
+        assert_eq!(GenesysError::Timeout.class(), ErrorClass::Ambiguous);
+        assert_eq!(
+            GenesysError::Transport("reset".into()).class(),
+            ErrorClass::Ambiguous
+        );
+        assert_eq!(
+            GenesysError::CredentialsRefused {
+                status: 401,
+                message: String::new()
+            }
+            .class(),
+            ErrorClass::Systemic
+        );
+        assert_eq!(
+            GenesysError::TokenUnavailable("down".into()).class(),
+            ErrorClass::Systemic
+        );
+    }
+
+    #[test]
+    fn error_bodies_are_read() {
+        let body = br#"{"message":"Rate limit exceeded the maximum. Retry the request in [2] seconds","code":"too.many.requests.retry.after","status":429,"contextId":"abc","details":[],"errors":[]}"#;
+        let error = GenesysError::from_answer(429, None, Some(Duration::from_secs(2)), body);
+        assert_eq!(error.code(), Some("too.many.requests.retry.after"));
+        assert_eq!(error.correlation_id(), Some("abc"));
+        assert_eq!(error.kind(), "rate_limited");
+        assert!(
+            error
+                .to_string()
+                .contains("Retry the request in [2] seconds")
+        );
+        let error =
+            GenesysError::from_answer(502, Some("c-1".into()), None, b"<html>bad gateway</html>");
+        assert_eq!(error.correlation_id(), Some("c-1"));
+        assert_eq!(error.class(), ErrorClass::Ambiguous);
+        assert!(error.to_string().contains("bad gateway"));
+    }
+
+    #[test]
+    fn retry_after_in_seconds() {
+        assert_eq!(parse_retry_after(" 42 "), Some(Duration::from_secs(42)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    }
+}

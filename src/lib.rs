@@ -1,0 +1,18 @@
+//! `dialer`: an outbound dialer worker for contact centres on Genesys Cloud.
+//!
+//! Dial jobs come from RabbitMQ, calls go to Genesys Cloud on behalf of the named agent,
+//! and exactly one result event per job goes back to a reply exchange before the job is
+//! acknowledged. One module per boundary; `main.rs` only parses the command line.
+
+#![forbid(unsafe_code)]
+#![warn(unreachable_pub, clippy::dbg_macro, clippy::todo)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod genesys;
+pub mod metrics;
+pub mod ratelimit;
+pub mod sim;
+pub mod telemetry;

@@ -1,0 +1,123 @@
+//! Every metric the dialer exports: names in one place, each described once (contract §8).
+//!
+//! Labels have a handful of values each; never a job id, phone number or user id.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Jobs taken from the queue.
+pub const JOBS_RECEIVED_TOTAL: &str = "dialer_jobs_received_total";
+/// Jobs that ended, by `outcome`.
+pub const JOBS_COMPLETED_TOTAL: &str = "dialer_jobs_completed_total";
+/// Jobs being processed now.
+pub const JOBS_IN_FLIGHT: &str = "dialer_jobs_in_flight";
+/// From the job's AMQP timestamp to its delivery.
+pub const QUEUE_WAIT_SECONDS: &str = "dialer_queue_wait_seconds";
+/// From delivery to the job's ack, by `outcome`.
+pub const JOB_DURATION_SECONDS: &str = "dialer_job_duration_seconds";
+/// Genesys API requests, by `operation` and `status` (HTTP status or `timeout`, `connect`, …).
+pub const GENESYS_REQUESTS_TOTAL: &str = "dialer_genesys_requests_total";
+/// Genesys API latency, by `operation`.
+pub const GENESYS_REQUEST_DURATION_SECONDS: &str = "dialer_genesys_request_duration_seconds";
+/// 429 answers from Genesys.
+pub const GENESYS_RATE_LIMITED_TOTAL: &str = "dialer_genesys_rate_limited_total";
+/// Time spent waiting for a turn under the process rate limit.
+pub const RATE_LIMITER_WAIT_SECONDS: &str = "dialer_rate_limiter_wait_seconds";
+/// Retries scheduled, by `via` (`in_process`, `delay_queue`).
+pub const RETRIES_SCHEDULED_TOTAL: &str = "dialer_retries_scheduled_total";
+/// Token requests, by `result` (`ok`, `refused`, `error`).
+pub const TOKEN_RENEWALS_TOTAL: &str = "dialer_token_renewals_total";
+/// 1 while connected to the broker.
+pub const BROKER_CONNECTED: &str = "dialer_broker_connected";
+/// 1 while consumption is paused by a systemic failure (credentials, permissions).
+pub const SYSTEMIC_PAUSE: &str = "dialer_systemic_pause";
+/// Result events published, by `outcome`.
+pub const EVENTS_PUBLISHED_TOTAL: &str = "dialer_events_published_total";
+/// Always 1, labelled with `version`.
+pub const BUILD_INFO: &str = "dialer_build_info";
+/// Genesys's `inin-ratelimit-count` / `inin-ratelimit-allowed` from the last answer that carried them.
+pub const GENESYS_RATELIMIT_COUNT: &str = "dialer_genesys_ratelimit_count";
+/// See [`GENESYS_RATELIMIT_COUNT`].
+pub const GENESYS_RATELIMIT_ALLOWED: &str = "dialer_genesys_ratelimit_allowed";
+
+/// Buckets for latency-like histograms: 1 ms to 1 min.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Installs the Prometheus recorder (once per process) and describes every metric.
+/// Later calls return the handle of the first.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder is installed (a test harness); the handle still renders ours.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(JOBS_RECEIVED_TOTAL, "Dial jobs taken from the jobs queue.");
+    describe_counter!(JOBS_COMPLETED_TOTAL, "Dial jobs that ended, by outcome.");
+    describe_gauge!(JOBS_IN_FLIGHT, "Dial jobs being processed now.");
+    describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time from the job's AMQP timestamp to its delivery."
+    );
+    describe_histogram!(
+        JOB_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from delivery to the job's final ack, by outcome."
+    );
+    describe_counter!(
+        GENESYS_REQUESTS_TOTAL,
+        "Genesys Cloud API requests, by operation and status."
+    );
+    describe_histogram!(
+        GENESYS_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Genesys Cloud API latency, by operation."
+    );
+    describe_counter!(
+        GENESYS_RATE_LIMITED_TOTAL,
+        "429 answers from Genesys Cloud."
+    );
+    describe_histogram!(
+        RATE_LIMITER_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time spent waiting for a turn under the process rate limit."
+    );
+    describe_counter!(
+        RETRIES_SCHEDULED_TOTAL,
+        "Retries scheduled, by where the wait happens."
+    );
+    describe_counter!(TOKEN_RENEWALS_TOTAL, "OAuth token requests, by result.");
+    describe_gauge!(BROKER_CONNECTED, "1 while connected to the broker.");
+    describe_gauge!(
+        SYSTEMIC_PAUSE,
+        "1 while consumption is paused by a systemic failure."
+    );
+    describe_counter!(
+        EVENTS_PUBLISHED_TOTAL,
+        "Result events confirmed by the broker, by outcome."
+    );
+    describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs.");
+    describe_gauge!(
+        GENESYS_RATELIMIT_COUNT,
+        "inin-ratelimit-count of the last Genesys answer that had it."
+    );
+    describe_gauge!(
+        GENESYS_RATELIMIT_ALLOWED,
+        "inin-ratelimit-allowed of the last Genesys answer that had it."
+    );
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}

@@ -1,0 +1,595 @@
+//! The simulator's HTTP front: shared state, routing, the token endpoint, authentication and
+//! rate limiting of `/api/v2`, and the `/sim` inspection endpoints.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::agents::Directory;
+use super::api::{self, Handled};
+use super::faults::Faults;
+use super::records::{self, CallAttempt, Clock, Journal, PlacedCall, RequestRecord, SimStats};
+
+/// Header carrying the id Genesys Cloud echoes as `contextId` in error bodies.
+pub(super) const CORRELATION_ID: HeaderName = HeaderName::from_static("inin-correlation-id");
+const RATELIMIT_COUNT: HeaderName = HeaderName::from_static("inin-ratelimit-count");
+const RATELIMIT_ALLOWED: HeaderName = HeaderName::from_static("inin-ratelimit-allowed");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("inin-ratelimit-reset");
+
+/// A token the simulator issued, with its rate-limit window.
+#[derive(Debug)]
+struct TokenState {
+    expires_at: Duration,
+    window_start: Duration,
+    count: u32,
+}
+
+/// State shared by every request and the [`super::SimHandle`].
+///
+/// The mutable parts sit behind std `Mutex`es rather than tokio ones: every critical section is
+/// a few map or vector operations and none is held across an `.await`, so a std mutex is cheaper
+/// under load and lets the handle's accessors stay synchronous. No code path holds two of these
+/// locks at once, so they cannot deadlock.
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) clock: Clock,
+    pub(super) directory: Directory,
+    client_id: String,
+    client_secret: String,
+    rate_limit: u32,
+    rate_window: Duration,
+    token_ttl: Duration,
+    faults: Mutex<Faults>,
+    tokens: Mutex<HashMap<String, TokenState>>,
+    journal: Mutex<Journal>,
+    /// Cancelled on shutdown; hung requests wait for it so that a graceful stop can finish.
+    pub(super) shutdown: CancellationToken,
+}
+
+/// Locks a mutex, ignoring poisoning: a panicking request cannot leave these plain records in a
+/// state worse than "one entry missing", and the simulator should keep serving.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The settings [`Shared`] is built from, already validated.
+#[derive(Debug)]
+pub(super) struct SharedConfig {
+    pub(super) directory: Directory,
+    pub(super) client_id: String,
+    pub(super) client_secret: String,
+    pub(super) rate_limit: u32,
+    pub(super) rate_window: Duration,
+    pub(super) token_ttl: Duration,
+    pub(super) faults: Faults,
+    pub(super) shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Builds the state and starts the simulator's clock.
+    pub(super) fn new(config: SharedConfig) -> Shared {
+        Shared {
+            clock: Clock::start(),
+            directory: config.directory,
+            client_id: config.client_id,
+            client_secret: config.client_secret,
+            rate_limit: config.rate_limit,
+            rate_window: config.rate_window,
+            token_ttl: config.token_ttl,
+            faults: Mutex::new(config.faults),
+            tokens: Mutex::new(HashMap::new()),
+            journal: Mutex::new(Journal::default()),
+            shutdown: config.shutdown,
+        }
+    }
+
+    /// The journal, locked.
+    pub(super) fn journal(&self) -> MutexGuard<'_, Journal> {
+        lock(&self.journal)
+    }
+
+    /// The faults, locked.
+    pub(super) fn faults_mut(&self) -> MutexGuard<'_, Faults> {
+        lock(&self.faults)
+    }
+
+    /// Replaces the faults.
+    pub(super) fn set_faults(&self, faults: Faults) {
+        *self.faults_mut() = faults;
+    }
+
+    /// A copy of the faults.
+    pub(super) fn faults(&self) -> Faults {
+        self.faults_mut().clone()
+    }
+
+    /// Every place-call attempt.
+    pub(super) fn attempts(&self) -> Vec<CallAttempt> {
+        self.journal().attempt_records(&self.clock)
+    }
+
+    /// Every placed call.
+    pub(super) fn placed_calls(&self) -> Vec<PlacedCall> {
+        self.journal().placed_records(&self.clock)
+    }
+
+    /// Every recorded request; formatting happens after the lock is released.
+    pub(super) fn requests(&self) -> Vec<RequestRecord> {
+        let snapshot = self.journal().request_snapshot();
+        records::request_records(snapshot, &self.clock)
+    }
+
+    /// The counters.
+    pub(super) fn stats(&self) -> SimStats {
+        self.journal().stats()
+    }
+
+    /// Makes every issued token expired (tests of the expiry path; an admin revoking tokens).
+    pub(super) fn expire_tokens(&self) {
+        for token in lock(&self.tokens).values_mut() {
+            token.expires_at = Duration::ZERO;
+        }
+    }
+
+    /// Checks the bearer token and counts the request in its rate window.
+    fn admit(
+        &self,
+        headers: &HeaderMap,
+        now: Duration,
+        reject_all: bool,
+    ) -> Result<Admitted, Denied> {
+        let token = bearer(headers).ok_or(Denied::Missing)?;
+        if reject_all {
+            return Err(Denied::Refused);
+        }
+        let mut tokens = lock(&self.tokens);
+        let state = tokens.get_mut(token).ok_or(Denied::Refused)?;
+        if now >= state.expires_at {
+            return Err(Denied::Expired);
+        }
+        // Fixed windows: a window opens with the token and then with the first request after
+        // the previous one ended, and lasts `rate_window`.
+        if now >= state.window_start + self.rate_window {
+            state.window_start = now;
+            state.count = 0;
+        }
+        let reset_secs = ceil_secs(state.window_start + self.rate_window - now).max(1);
+        if state.count >= self.rate_limit {
+            return Err(Denied::RateLimited {
+                retry_after: reset_secs,
+            });
+        }
+        state.count += 1;
+        Ok(Admitted {
+            count: state.count,
+            allowed: self.rate_limit,
+            reset_secs,
+        })
+    }
+
+    /// Issues a new token valid for `ttl`; returns it.
+    fn issue_token(&self, now: Duration, ttl: Duration) -> String {
+        // 32 random bytes: opaque and unguessable, like the real service's tokens.
+        let token = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+        let state = TokenState {
+            expires_at: now + ttl,
+            window_start: now,
+            count: 0,
+        };
+        lock(&self.tokens).insert(token.clone(), state);
+        token
+    }
+}
+
+/// Seconds, rounded up.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The bearer token of the `Authorization` header, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// A request let through, with what the `inin-ratelimit-*` headers report.
+#[derive(Debug)]
+struct Admitted {
+    count: u32,
+    allowed: u32,
+    reset_secs: u64,
+}
+
+/// Why an API request was turned away before being looked at.
+#[derive(Debug)]
+enum Denied {
+    Missing,
+    Refused,
+    Expired,
+    RateLimited { retry_after: u64 },
+}
+
+impl Denied {
+    /// The Genesys-style answer.
+    fn respond(&self, cid: Uuid) -> (Response, &'static str) {
+        match self {
+            Denied::Missing => {
+                let code = "authentication.required";
+                let message = "No authentication bearer token specified in authorization header.";
+                (
+                    api_error(StatusCode::UNAUTHORIZED, code, message, cid),
+                    code,
+                )
+            }
+            Denied::Refused => {
+                let code = "bad.credentials";
+                (
+                    api_error(
+                        StatusCode::UNAUTHORIZED,
+                        code,
+                        "Invalid login credentials.",
+                        cid,
+                    ),
+                    code,
+                )
+            }
+            Denied::Expired => {
+                let code = "credentials.expired";
+                let message = "The supplied credentials are expired and cannot be used.";
+                (
+                    api_error(StatusCode::UNAUTHORIZED, code, message, cid),
+                    code,
+                )
+            }
+            Denied::RateLimited { retry_after } => {
+                (too_many_requests(*retry_after, cid), TOO_MANY_REQUESTS_CODE)
+            }
+        }
+    }
+}
+
+/// The code of every 429 since Genesys normalised them in 2021.
+pub(super) const TOO_MANY_REQUESTS_CODE: &str = "too.many.requests.retry.after";
+
+/// A 429 exactly as Genesys Cloud sends it.
+pub(super) fn too_many_requests(retry_after: u64, cid: Uuid) -> Response {
+    let message =
+        format!("Rate limit exceeded the maximum. Retry the request in [{retry_after}] seconds");
+    let mut response = api_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        TOO_MANY_REQUESTS_CODE,
+        &message,
+        cid,
+    );
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+    response
+}
+
+/// Genesys Cloud's `ErrorBody`, with the fields the simulator fills.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorBody<'a> {
+    message: &'a str,
+    code: &'a str,
+    status: u16,
+    context_id: Uuid,
+    details: [(); 0],
+    errors: [(); 0],
+}
+
+/// An `ErrorBody` answer whose `contextId` is the request's correlation id.
+pub(super) fn api_error(status: StatusCode, code: &str, message: &str, cid: Uuid) -> Response {
+    let body = ErrorBody {
+        message,
+        code,
+        status: status.as_u16(),
+        context_id: cid,
+        details: [],
+        errors: [],
+    };
+    json(status, &body)
+}
+
+/// A JSON answer.
+pub(super) fn json(status: StatusCode, value: &impl Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => (
+            status,
+            [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot serialise the answer: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+/// The simulator's routes. One fallback handler dispatches by hand so that every unknown path
+/// or method gets a Genesys-style 404 rather than axum's empty 404/405.
+pub(super) fn router(shared: Arc<Shared>) -> Router {
+    Router::new().fallback(dispatch).with_state(shared)
+}
+
+async fn dispatch(
+    State(st): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path();
+    if path == "/oauth/token" {
+        token(&st, &method, &headers, &body)
+    } else if let Some(rest) = path.strip_prefix("/sim/") {
+        admin(&st, &method, rest, &body)
+    } else if path.starts_with("/api/v2/") {
+        api(&st, &method, path, &headers, &body).await
+    } else {
+        let cid = Uuid::new_v4();
+        with_correlation(not_found(cid), cid)
+    }
+}
+
+/// The generic 404.
+fn not_found(cid: Uuid) -> Response {
+    api_error(
+        StatusCode::NOT_FOUND,
+        "not.found",
+        "The requested resource was not found.",
+        cid,
+    )
+}
+
+/// Adds the `ININ-Correlation-Id` header.
+fn with_correlation(mut response: Response, cid: Uuid) -> Response {
+    let mut buf = Uuid::encode_buffer();
+    if let Ok(value) = HeaderValue::from_str(cid.hyphenated().encode_lower(&mut buf)) {
+        response.headers_mut().insert(CORRELATION_ID, value);
+    }
+    response
+}
+
+/// `/api/v2/*`: record, authenticate, rate-limit, handle, delay, answer.
+async fn api(
+    st: &Shared,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    let now = st.clock.now();
+    let cid = Uuid::new_v4();
+    let seq = st.journal().arrived(now, method, path, Some(cid));
+    let (latency, reject_all) = {
+        let faults = st.faults_mut();
+        (faults.latency_ms, faults.reject_credentials)
+    };
+    let response = match st.admit(headers, now, reject_all) {
+        Err(denied) => {
+            let (response, code) = denied.respond(cid);
+            if let Some(user_id) = api::place_call_user(method, path) {
+                api::record_refused_attempt(
+                    st,
+                    now,
+                    user_id,
+                    body,
+                    response.status().as_u16(),
+                    code,
+                    cid,
+                );
+            }
+            response
+        }
+        Ok(admitted) => match api::handle(st, method, path, body, now, cid) {
+            Handled::Respond(mut response) => {
+                let h = response.headers_mut();
+                h.insert(RATELIMIT_COUNT, HeaderValue::from(admitted.count));
+                h.insert(RATELIMIT_ALLOWED, HeaderValue::from(admitted.allowed));
+                h.insert(RATELIMIT_RESET, HeaderValue::from(admitted.reset_secs));
+                response
+            }
+            Handled::Hang => {
+                // Never answer: the client times out. Only a shutdown ends the wait, so that a
+                // graceful stop does not wait for it forever.
+                st.shutdown.cancelled().await;
+                let message = "The simulator is shutting down.";
+                return with_correlation(
+                    api_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "service.unavailable",
+                        message,
+                        cid,
+                    ),
+                    cid,
+                );
+            }
+        },
+    };
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    st.journal().answered(seq, response.status().as_u16());
+    with_correlation(response, cid)
+}
+
+/// `POST /oauth/token`: the client-credentials grant, as the login host answers it.
+fn token(st: &Shared, method: &Method, headers: &HeaderMap, body: &[u8]) -> Response {
+    let now = st.clock.now();
+    let seq = st.journal().arrived(now, method, "/oauth/token", None);
+    let (reject_all, ttl) = {
+        let faults = st.faults_mut();
+        (
+            faults.reject_credentials,
+            faults
+                .token_ttl_secs
+                .map_or(st.token_ttl, Duration::from_secs),
+        )
+    };
+    let response = if method != Method::POST {
+        oauth_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "The token endpoint accepts only POST.",
+        )
+    } else if reject_all || !st.client_matches(headers) {
+        oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Invalid client credentials.",
+        )
+    } else {
+        match grant_type(headers, body) {
+            Some(grant) if grant == "client_credentials" => {
+                let token = st.issue_token(now, ttl);
+                let answer = TokenAnswer {
+                    access_token: &token,
+                    token_type: "bearer",
+                    expires_in: ttl.as_secs(),
+                };
+                let mut response = json(StatusCode::OK, &answer);
+                response
+                    .headers_mut()
+                    .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                response
+            }
+            Some(_) => oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "The simulator supports only grant_type=client_credentials.",
+            ),
+            None => oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "Missing grant_type: send an application/x-www-form-urlencoded body with grant_type=client_credentials.",
+            ),
+        }
+    };
+    let status = response.status();
+    let mut journal = st.journal();
+    journal.answered(seq, status.as_u16());
+    journal.token_outcome(status.is_success());
+    response
+}
+
+impl Shared {
+    /// Whether the `Authorization: Basic` header carries the configured client id and secret.
+    fn client_matches(&self, headers: &HeaderMap) -> bool {
+        let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let Some((scheme, encoded)) = value.split_once(' ') else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return false;
+        }
+        let Ok(decoded) = STANDARD.decode(encoded.trim()) else {
+            return false;
+        };
+        let Ok(decoded) = std::str::from_utf8(&decoded) else {
+            return false;
+        };
+        decoded.split_once(':') == Some((self.client_id.as_str(), self.client_secret.as_str()))
+    }
+}
+
+/// `grant_type` of a form-encoded body; `None` when missing or not a form.
+fn grant_type(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    let content_type = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    if !essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        return None;
+    }
+    url::form_urlencoded::parse(body)
+        .find(|(k, _)| k == "grant_type")
+        .map(|(_, v)| v.into_owned())
+}
+
+#[derive(Serialize)]
+struct TokenAnswer<'a> {
+    access_token: &'a str,
+    token_type: &'a str,
+    expires_in: u64,
+}
+
+/// The login host's error shape (`error`, `description`, `error_description`).
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    #[derive(Serialize)]
+    struct OAuthError<'a> {
+        error: &'a str,
+        description: &'a str,
+        error_description: &'a str,
+    }
+    json(
+        status,
+        &OAuthError {
+            error,
+            description,
+            error_description: description,
+        },
+    )
+}
+
+/// `/sim/*`: inspection and fault control, unauthenticated and unrecorded.
+fn admin(st: &Shared, method: &Method, rest: &str, body: &[u8]) -> Response {
+    let cid = Uuid::new_v4();
+    match (method, rest) {
+        (&Method::GET, "calls") => {
+            #[derive(Serialize)]
+            struct Calls {
+                attempts: Vec<CallAttempt>,
+                placed: Vec<PlacedCall>,
+            }
+            json(
+                StatusCode::OK,
+                &Calls {
+                    attempts: st.attempts(),
+                    placed: st.placed_calls(),
+                },
+            )
+        }
+        (&Method::GET, "requests") => json(StatusCode::OK, &st.requests()),
+        (&Method::GET, "stats") => json(StatusCode::OK, &st.stats()),
+        (&Method::GET, "agents") => json(StatusCode::OK, &st.directory.all()),
+        (&Method::GET, "faults") => json(StatusCode::OK, &st.faults()),
+        (&Method::PUT, "faults") => {
+            let faults = serde_json::from_slice::<Faults>(body)
+                .map_err(|e| e.to_string())
+                .and_then(|f| f.validate().map(|()| f));
+            match faults {
+                Ok(faults) => {
+                    st.set_faults(faults.clone());
+                    json(StatusCode::OK, &faults)
+                }
+                Err(message) => with_correlation(
+                    api_error(StatusCode::BAD_REQUEST, "bad.request", &message, cid),
+                    cid,
+                ),
+            }
+        }
+        (&Method::POST, "reset") => {
+            st.journal().reset();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => with_correlation(not_found(cid), cid),
+    }
+}

@@ -1,0 +1,5 @@
+//! Integration tests: the Genesys client against the simulator, and the worker against a real
+//! RabbitMQ and the simulator.
+
+mod genesys_client;
+mod helpers;
