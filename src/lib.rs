@@ -11,7 +11,10 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod decisions;
+pub mod event;
 pub mod genesys;
+pub mod job;
 pub mod metrics;
 pub mod ratelimit;
 pub mod sim;

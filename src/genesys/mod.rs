@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 pub use error::{ErrorClass, GenesysError, classify_status};
-#[allow(unused_imports)] // used by the job parser (next commit)
 pub(crate) use model::parse_uuid;
 pub use model::{CreateCallRequest, CreateCallResponse, ErrorBody, UserId};
 pub use token::{Token, TokenManager, renewal_margin};

@@ -3,3 +3,4 @@
 
 mod genesys_client;
 mod helpers;
+mod schemas;
