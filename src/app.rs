@@ -64,11 +64,42 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             sim::serve_until_ctrl_c(settings).await?;
             Ok(())
         }
-        Command::Run(_) => not_yet("run"),
+        Command::Run(args) => {
+            let settings = config::run_settings(&args)?;
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let worker = crate::worker::start(settings, shutdown.clone()).await?;
+            tokio::spawn(cancel_on_signal(shutdown));
+            worker.wait().await?;
+            Ok(())
+        }
         Command::Check(_) => not_yet("check"),
         Command::Enqueue(_) => not_yet("enqueue"),
         Command::Dlq(_) => not_yet("dlq"),
-        Command::Topology(_) => not_yet("topology"),
+        Command::Topology(args) => {
+            let broker = config::broker_settings(&args)?;
+            let topology = crate::broker::Topology::new(&broker.prefix, broker.queue_type);
+            let connection = crate::broker::connect(&broker.amqp_url, "dialer topology")
+                .await
+                .map_err(anyhow::Error::from)?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| anyhow::anyhow!("opening a channel: {e}"))?;
+            topology
+                .declare(&channel)
+                .await
+                .map_err(anyhow::Error::from)?;
+            let _ = connection.close(200, "done".into()).await;
+            println!(
+                "declared: queue {} (and {} delay queues), exchange {}, dead-letter queue {}, reply exchange {}",
+                topology.jobs_queue,
+                topology.delay_queues.len(),
+                topology.jobs_exchange,
+                topology.dead_letter_queue,
+                topology.reply_exchange
+            );
+            Ok(())
+        }
         Command::Demo(_) => not_yet("demo"),
         Command::Bench(_) => not_yet("bench"),
     }
@@ -111,4 +142,34 @@ pub fn sim_settings(
         token_ttl: cfg.token_ttl,
         faults,
     })
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+pub async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
+    wait_for_signal().await;
+    tracing::info!("shutdown requested: finishing jobs in flight");
+    shutdown.cancel();
+}
+
+/// Resolves on SIGTERM (containers) or SIGINT (a terminal).
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

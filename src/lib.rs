@@ -9,13 +9,17 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod app;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod decisions;
 pub mod event;
 pub mod genesys;
+pub mod health;
 pub mod job;
 pub mod metrics;
+pub mod pipeline;
 pub mod ratelimit;
 pub mod sim;
 pub mod telemetry;
+pub mod worker;

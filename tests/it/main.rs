@@ -4,3 +4,4 @@
 mod genesys_client;
 mod helpers;
 mod schemas;
+mod worker;

@@ -1,0 +1,212 @@
+//! RabbitMQ: the connection, the topology (contract §2) and publishing with confirms.
+//!
+//! Reconnection is owned by the worker's loop, not by lapin's auto-recovery (which does not
+//! come back after a broker restart): every connection here is built fresh, declared, used,
+//! and dropped whole when it fails.
+
+mod topology;
+
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+pub use topology::{DELAY_TIERS, JOBS_ROUTING_KEY, Topology};
+
+/// A broker failure.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The AMQP client reported an error (connection or channel closed, refused, …).
+    #[error("{context}: {source}")]
+    Amqp {
+        /// What was being done.
+        context: String,
+        /// The client error.
+        source: lapin::Error,
+    },
+    /// The broker refused a publish (nack).
+    #[error("the broker refused to store a message for {0} (nack)")]
+    Nacked(String),
+    /// The broker ended the consumer (the queue was deleted, or the channel closed).
+    #[error("the broker cancelled the consumer of {0} (queue deleted or channel closed)")]
+    ConsumerCancelled(String),
+    /// A mandatory publish could not be routed (its queue does not exist).
+    #[error("no queue took the message published to {0:?}: is the topology declared?")]
+    Unroutable(String),
+}
+
+impl BrokerError {
+    pub(crate) fn amqp(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Amqp { context, source }
+    }
+}
+
+/// Connects to the broker; `name` shows in the management UI's connection list.
+pub async fn connect(amqp_url: &str, name: &str) -> Result<Connection, BrokerError> {
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    Connection::connect(amqp_url, properties)
+        .await
+        .map_err(|source| BrokerError::Amqp {
+            context: format!("connecting to {}", crate::config::redact_url(amqp_url)),
+            source,
+        })
+}
+
+/// A channel in confirm mode: every publish is awaited until the broker has taken it.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    /// Opens a channel on `connection` and turns on publisher confirms.
+    pub async fn open(connection: &Connection) -> Result<Self, BrokerError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(BrokerError::amqp("opening the publishing channel"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(BrokerError::amqp("enabling publisher confirms"))?;
+        Ok(Self { channel })
+    }
+
+    /// The underlying channel (for declarations).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes and waits for the broker's confirm. With `mandatory`, a message no queue
+    /// takes is an error instead of silently vanishing (dead-letter and delay queues must exist).
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), BrokerError> {
+        let target = || {
+            if exchange.is_empty() {
+                format!("queue {routing_key}")
+            } else {
+                format!("exchange {exchange} ({routing_key})")
+            }
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions {
+                    mandatory,
+                    immediate: false,
+                },
+                body,
+                properties,
+            )
+            .await
+            .map_err(|source| BrokerError::Amqp {
+                context: format!("publishing to {}", target()),
+                source,
+            })?
+            .await
+            .map_err(|source| BrokerError::Amqp {
+                context: format!("awaiting the confirm from {}", target()),
+                source,
+            })?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_returned)) => Err(BrokerError::Unroutable(target())),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked(target())),
+            // Cannot happen: the channel is in confirm mode from `open`.
+            Confirmation::NotRequested => Ok(()),
+        }
+    }
+}
+
+/// Reads an integer header (any AMQP integer type), for counters such as `x-dialer-attempts`.
+pub fn header_u32(properties: &BasicProperties, name: &str) -> Option<u32> {
+    let headers = properties.headers().as_ref()?;
+    let value = headers.inner().get(name)?;
+    let number: i128 = match value {
+        AMQPValue::ShortShortInt(v) => (*v).into(),
+        AMQPValue::ShortShortUInt(v) => (*v).into(),
+        AMQPValue::ShortInt(v) => (*v).into(),
+        AMQPValue::ShortUInt(v) => (*v).into(),
+        AMQPValue::LongInt(v) => (*v).into(),
+        AMQPValue::LongUInt(v) => (*v).into(),
+        AMQPValue::LongLongInt(v) => (*v).into(),
+        AMQPValue::Timestamp(v) => (*v).into(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?,
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok()?,
+        _ => return None,
+    };
+    u32::try_from(number).ok()
+}
+
+/// Reads a string header.
+pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The message's properties with `extra` headers added (existing ones kept, ours overwrite ours).
+pub fn with_headers(
+    properties: &BasicProperties,
+    extra: Vec<(&str, AMQPValue)>,
+) -> BasicProperties {
+    let mut headers: FieldTable = properties.headers().clone().unwrap_or_default();
+    for (name, value) in extra {
+        headers.insert(ShortString::from(name), value);
+    }
+    properties.clone().with_headers(headers)
+}
+
+/// A string as an AMQP header value.
+pub fn text(value: impl Into<String>) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_added_and_read_back() {
+        let original = BasicProperties::default().with_headers({
+            let mut t = FieldTable::default();
+            t.insert("crm".into(), text("keep me"));
+            t
+        });
+        let props = with_headers(
+            &original,
+            vec![
+                ("x-dialer-attempts", AMQPValue::LongLongInt(3)),
+                ("x-dialer-outcome", text("failed")),
+            ],
+        );
+        assert_eq!(header_u32(&props, "x-dialer-attempts"), Some(3));
+        assert_eq!(
+            header_str(&props, "x-dialer-outcome").as_deref(),
+            Some("failed")
+        );
+        assert_eq!(header_str(&props, "crm").as_deref(), Some("keep me"));
+        assert_eq!(header_u32(&props, "missing"), None);
+        let negative = with_headers(
+            &original,
+            vec![("x-dialer-attempts", AMQPValue::LongInt(-1))],
+        );
+        assert_eq!(header_u32(&negative, "x-dialer-attempts"), None);
+    }
+}

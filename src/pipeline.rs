@@ -1,0 +1,712 @@
+//! The per-job step: one delivery in, one [`Verdict`] out.
+//!
+//! Parse → claim → `expiresAt` / `notBefore` → resolve the agent → place the call (paced by
+//! the rate gate) → classify → record the decision. The consume loop applies the verdict
+//! (publish, then ack / dead-letter / delay / requeue); nothing here touches the broker.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use rand::Rng;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::broker::{Topology, header_u32};
+use crate::decisions::{ClaimResult, DecisionStore, JobState};
+use crate::event::{EventError, Outcome, ResultEvent};
+use crate::genesys::{ErrorClass, GenesysClient, GenesysError, UserId};
+use crate::job::{Agent, DialJob, parse_job};
+use crate::metrics as m;
+use crate::telemetry::mask_phone;
+
+/// Header counting place-call requests sent for the job, across delays (contract §4).
+pub const ATTEMPTS_HEADER: &str = "x-dialer-attempts";
+/// Header counting the failures that count toward `DIALER_MAX_ATTEMPTS` (429s do not).
+pub const TRIES_HEADER: &str = "x-dialer-tries";
+
+/// Waits up to this long happen in process (the message stays unacked); longer ones go through
+/// a delay queue, so no message is held near the broker's consumer timeout.
+pub const IN_PROCESS_WAIT_LIMIT: Duration = Duration::from_secs(5);
+
+/// First backoff step; each failure doubles it.
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Largest backoff step: a minute keeps a long Genesys outage from being hammered while a
+/// job still gets several chances within `DIALER_MAX_ATTEMPTS`.
+const BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// What to do with the delivery.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Publish `event` (exactly these bytes), then ack, or dead-letter when the outcome says so.
+    Publish {
+        /// The event, for routing and dead-letter headers.
+        event: Box<ResultEvent>,
+        /// The event as recorded in the decision store.
+        bytes: Vec<u8>,
+    },
+    /// Republish the job to a delay queue with updated counters, then ack the original.
+    Delay {
+        /// The delay queue.
+        queue: String,
+        /// Place-call requests sent so far.
+        attempts: u32,
+        /// Failures counted toward the limit so far.
+        tries: u32,
+    },
+    /// Give the job back to the queue untouched (claim released): shutdown or a systemic failure.
+    Requeue {
+        /// Why, for logs.
+        reason: &'static str,
+    },
+}
+
+/// Why consumption should pause: credentials refused, a permission missing, the store failing.
+#[derive(Clone, Debug)]
+pub struct SystemicFailure {
+    /// What failed, for logs and readiness.
+    pub message: String,
+    /// When, so failures of jobs that started before a pause ended can be told apart.
+    pub at: tokio::time::Instant,
+}
+
+impl SystemicFailure {
+    fn now(message: String) -> Self {
+        Self {
+            message,
+            at: tokio::time::Instant::now(),
+        }
+    }
+}
+
+/// Everything the per-job step needs, shared by all jobs of the process.
+pub struct Pipeline {
+    /// Genesys Cloud.
+    pub genesys: GenesysClient,
+    /// Claims and decisions.
+    pub store: DecisionStore,
+    /// Queue names.
+    pub topology: Topology,
+    /// Attempts before `failed`.
+    pub max_attempts: u32,
+    /// Whether ambiguous answers are retried.
+    pub retry_ambiguous: bool,
+    /// Name in result events.
+    pub worker: String,
+    /// Claim owner: this process (the worker name plus a per-start nonce).
+    pub owner: String,
+    /// Cancelled when shutdown starts: jobs not yet dialled are requeued.
+    pub shutdown: CancellationToken,
+    /// Tells the consume loop to pause on a systemic failure.
+    pub systemic: tokio::sync::mpsc::UnboundedSender<SystemicFailure>,
+    // Jobs being decided by this process, so a redelivered copy (after a lost connection)
+    // waits for the decision instead of calling it `unknown`. std Mutex: no await inside.
+    in_flight: Mutex<HashMap<String, watch::Receiver<Option<Vec<u8>>>>>,
+}
+
+/// Deregisters an in-flight job when its step ends, whichever way.
+struct InFlight<'a> {
+    pipeline: &'a Pipeline,
+    job_id: String,
+    decided: watch::Sender<Option<Vec<u8>>>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .pipeline
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.remove(&self.job_id);
+    }
+}
+
+/// Facts about one delivery the step needs.
+pub struct Incoming<'a> {
+    /// The body.
+    pub body: &'a [u8],
+    /// Its AMQP properties.
+    pub properties: &'a BasicProperties,
+    /// The broker's redelivered flag.
+    pub redelivered: bool,
+}
+
+impl Pipeline {
+    /// Builds the shared step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        genesys: GenesysClient,
+        store: DecisionStore,
+        topology: Topology,
+        max_attempts: u32,
+        retry_ambiguous: bool,
+        worker: String,
+        shutdown: CancellationToken,
+        systemic: tokio::sync::mpsc::UnboundedSender<SystemicFailure>,
+    ) -> Self {
+        let owner = format!("{worker}/{}", uuid::Uuid::new_v4().simple());
+        Self {
+            genesys,
+            store,
+            topology,
+            max_attempts,
+            retry_ambiguous,
+            worker,
+            owner,
+            shutdown,
+            systemic,
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Decides what happens to one delivery.
+    pub async fn process(&self, incoming: Incoming<'_>) -> Verdict {
+        let received_at = OffsetDateTime::now_utc();
+        let message_id = incoming
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str());
+        let attempts = header_u32(incoming.properties, ATTEMPTS_HEADER);
+        // A copy we sent through a delay queue carries our counter; it may claim a waiting job.
+        let from_delay = attempts.is_some();
+        let retry_copy = from_delay || incoming.redelivered;
+        let mut progress = Progress {
+            received_at,
+            attempts: attempts.unwrap_or(0),
+            tries: header_u32(incoming.properties, TRIES_HEADER).unwrap_or(0),
+        };
+
+        let job = match parse_job(incoming.body, message_id) {
+            Ok(job) => job,
+            Err(rejection) => {
+                tracing::warn!(job_id = rejection.job_id.as_deref(), kind = rejection.kind.as_str(), error = %rejection.message, "job rejected");
+                let event = self.event(
+                    rejection.job_id.clone(),
+                    Outcome::Rejected,
+                    &progress,
+                    Some(EventError::from_rejection(&rejection)),
+                );
+                // Not recorded: parsing is deterministic, a redelivery is rejected the same way.
+                return publish(event);
+            }
+        };
+        let span = tracing::info_span!("job", job_id = %job.job_id, attempts = progress.attempts);
+        self.claim_and_decide(job, retry_copy, &mut progress)
+            .instrument(span)
+            .await
+            .unwrap_or_else(|failure| {
+                tracing::error!(error = %failure.message, "decision store failed; requeueing the job");
+                let _ = self.systemic.send(failure);
+                Verdict::Requeue { reason: "decision store failed" }
+            })
+    }
+
+    async fn claim_and_decide(
+        &self,
+        job: DialJob,
+        retry_copy: bool,
+        progress: &mut Progress,
+    ) -> Result<Verdict, SystemicFailure> {
+        let id = job.job_id.as_str().to_owned();
+        let existing = self.store.get(&id).await.map_err(store_failure)?;
+        match existing {
+            None => {}
+            Some(JobState::Waiting) if retry_copy => {}
+            Some(JobState::Decided { event }) if retry_copy => return Ok(republish(event)),
+            Some(JobState::Claimed { owner }) if retry_copy => {
+                return self.claimed_elsewhere(&job, &owner, progress).await;
+            }
+            Some(_) => return Ok(self.duplicate(&job, progress)),
+        }
+        match self
+            .store
+            .try_claim(&id, &self.owner)
+            .await
+            .map_err(store_failure)?
+        {
+            ClaimResult::Claimed => {}
+            // Another copy of the job got there first (a redelivery racing its delayed copy).
+            ClaimResult::Existing(JobState::Decided { event }) => return Ok(republish(event)),
+            ClaimResult::Existing(JobState::Claimed { owner }) => {
+                return self.claimed_elsewhere(&job, &owner, progress).await;
+            }
+            ClaimResult::Existing(JobState::Waiting) => return Ok(self.duplicate(&job, progress)),
+        }
+        let (decided, receiver) = watch::channel(None);
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), receiver);
+        let guard = InFlight {
+            pipeline: self,
+            job_id: id,
+            decided,
+        };
+        let verdict = self.dial(&job, progress).await;
+        match verdict {
+            Step::Decided(event) => {
+                let bytes = event.to_json();
+                let in_force = self
+                    .store
+                    .decide(&guard.job_id, &bytes)
+                    .await
+                    .map_err(store_failure)?;
+                guard.decided.send_replace(Some(in_force.clone()));
+                Ok(republish(in_force))
+            }
+            Step::Delay { queue } => {
+                self.store
+                    .set_waiting(&guard.job_id, &self.owner)
+                    .await
+                    .map_err(store_failure)?;
+                Ok(Verdict::Delay {
+                    queue,
+                    attempts: progress.attempts,
+                    tries: progress.tries,
+                })
+            }
+            Step::GiveBack(reason) => {
+                self.store
+                    .release(&guard.job_id, &self.owner)
+                    .await
+                    .map_err(store_failure)?;
+                Ok(Verdict::Requeue { reason })
+            }
+        }
+    }
+
+    /// The job is claimed but undecided. If this process is deciding it (the connection was
+    /// lost and the broker redelivered it), wait for that decision; otherwise its worker died
+    /// mid-call and nobody knows whether the call was placed: `unknown`, never dialled again.
+    async fn claimed_elsewhere(
+        &self,
+        job: &DialJob,
+        owner: &str,
+        progress: &Progress,
+    ) -> Result<Verdict, SystemicFailure> {
+        let id = job.job_id.as_str();
+        let waiting_on = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        if owner == self.owner
+            && let Some(mut decided) = waiting_on
+        {
+            // Ends when the deciding step records its decision or gives up (sender dropped).
+            let outcome = decided
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|d| d.clone());
+            return match outcome {
+                Some(bytes) => Ok(republish(bytes)),
+                None => match self.store.get(id).await.map_err(store_failure)? {
+                    Some(JobState::Decided { event }) => Ok(republish(event)),
+                    // Released or sent to a delay queue: this copy is redundant but its
+                    // original is already acked or requeued, so this one must not be dropped.
+                    _ => Ok(Verdict::Requeue {
+                        reason: "another copy of this job was given back",
+                    }),
+                },
+            };
+        }
+        tracing::warn!(
+            previous_owner = owner,
+            "job was claimed by a worker that stopped before deciding; not dialling again"
+        );
+        let event = self.job_event(
+            job,
+            Outcome::Unknown,
+            progress,
+            None,
+            Some(EventError::new("interrupted", "a worker claimed this job and stopped before recording an answer from Genesys; the call may have been placed, so it is not dialled again")),
+        );
+        let bytes = self
+            .store
+            .decide(id, &event.to_json())
+            .await
+            .map_err(store_failure)?;
+        Ok(republish(bytes))
+    }
+
+    fn duplicate(&self, job: &DialJob, progress: &Progress) -> Verdict {
+        tracing::info!("job id already claimed or decided: answering this message as a duplicate");
+        let event = self.job_event(
+            job,
+            Outcome::Duplicate,
+            progress,
+            None,
+            Some(EventError::new(
+                "duplicate",
+                format!(
+                    "a message with jobId {} was already received; this one is not dialled",
+                    job.job_id
+                ),
+            )),
+        );
+        publish(event)
+    }
+
+    /// From a claimed job to a decision, a delay or a give-back.
+    async fn dial(&self, job: &DialJob, progress: &mut Progress) -> Step {
+        let now = OffsetDateTime::now_utc();
+        if job.expires_at.is_some_and(|expires| expires <= now) {
+            return self.decided(
+                job,
+                Outcome::Expired,
+                progress,
+                None,
+                Some(EventError::new(
+                    "expired",
+                    "expiresAt passed before the call could be placed",
+                )),
+            );
+        }
+        if let Some(not_before) = job.not_before
+            && not_before > now
+        {
+            let wait = duration_until(not_before, now);
+            if wait > IN_PROCESS_WAIT_LIMIT {
+                // Wait in the broker; the job comes back early and waits the rest then.
+                if let Some((_, queue)) = self
+                    .topology
+                    .delay_at_most(wait - IN_PROCESS_WAIT_LIMIT / 2)
+                {
+                    metrics::counter!(m::RETRIES_SCHEDULED_TOTAL, "via" => "delay_queue")
+                        .increment(1);
+                    return Step::Delay {
+                        queue: queue.clone(),
+                    };
+                }
+            }
+            if !self.sleep_unless_shutdown(wait).await {
+                return Step::GiveBack("shutdown during notBefore wait");
+            }
+        }
+
+        let user = match self.resolve_agent(job, progress).await {
+            Ok(user) => user,
+            Err(step) => return step,
+        };
+
+        let request = job.create_call_request();
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Step::GiveBack("shutdown before dialling");
+            }
+            if job
+                .expires_at
+                .is_some_and(|expires| expires <= OffsetDateTime::now_utc())
+            {
+                return self.decided(
+                    job,
+                    Outcome::Expired,
+                    progress,
+                    Some(user),
+                    Some(EventError::new(
+                        "expired",
+                        "expiresAt passed while retrying",
+                    )),
+                );
+            }
+            let answer = self
+                .genesys
+                .place_call(user, &request, Some(&self.shutdown))
+                .await;
+            progress.attempts += answer.requests;
+            let error = match answer.result {
+                Ok(created) => {
+                    tracing::info!(conversation_id = %created.id, phone = %mask_phone(job.phone_number.e164()), "call placed");
+                    let mut event =
+                        self.job_event(job, Outcome::Placed, progress, Some(user), None);
+                    event.conversation_id = Some(created.id);
+                    return Step::Decided(Box::new(event));
+                }
+                Err(GenesysError::Cancelled) => return Step::GiveBack("shutdown before dialling"),
+                Err(error) => error,
+            };
+            match self.after_failure(&error, progress, true) {
+                Next::RetryAfter(wait) => {
+                    if wait <= IN_PROCESS_WAIT_LIMIT {
+                        metrics::counter!(m::RETRIES_SCHEDULED_TOTAL, "via" => "in_process")
+                            .increment(1);
+                        if !self.sleep_unless_shutdown(wait).await {
+                            return Step::GiveBack("shutdown during backoff");
+                        }
+                        continue;
+                    }
+                    metrics::counter!(m::RETRIES_SCHEDULED_TOTAL, "via" => "delay_queue")
+                        .increment(1);
+                    let (_, queue) = self.topology.delay_at_least(wait);
+                    return Step::Delay {
+                        queue: queue.clone(),
+                    };
+                }
+                Next::Fail(outcome) => {
+                    return self.decided(
+                        job,
+                        outcome,
+                        progress,
+                        Some(user),
+                        Some(EventError::from_genesys(&error)),
+                    );
+                }
+                Next::Pause => {
+                    let _ = self.systemic.send(SystemicFailure::now(error.to_string()));
+                    return Step::GiveBack("systemic failure");
+                }
+            }
+        }
+    }
+
+    /// The agent's user id: given, or looked up by email (cached by the client).
+    async fn resolve_agent(&self, job: &DialJob, progress: &mut Progress) -> Result<UserId, Step> {
+        let email = match &job.agent {
+            Agent::UserId(id) => return Ok(*id),
+            Agent::Email(email) => email,
+        };
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Err(Step::GiveBack("shutdown before the agent lookup"));
+            }
+            let answer = self
+                .genesys
+                .find_user_by_email(email, Some(&self.shutdown))
+                .await;
+            let error = match answer.result {
+                Ok(Some(user)) => return Ok(user),
+                Ok(None) => {
+                    return Err(self.decided(
+                        job,
+                        Outcome::Rejected,
+                        progress,
+                        None,
+                        Some(EventError::new(
+                            "unknown_agent",
+                            format!("agentEmail {email} matches no Genesys Cloud user"),
+                        )),
+                    ));
+                }
+                Err(GenesysError::Cancelled) => {
+                    return Err(Step::GiveBack("shutdown before the agent lookup"));
+                }
+                Err(error) => error,
+            };
+            // A search has no side effect: an ambiguous answer is safe to retry.
+            match self.after_failure(&error, progress, false) {
+                Next::RetryAfter(wait) if wait <= IN_PROCESS_WAIT_LIMIT => {
+                    if !self.sleep_unless_shutdown(wait).await {
+                        return Err(Step::GiveBack("shutdown during backoff"));
+                    }
+                }
+                Next::RetryAfter(wait) => {
+                    let (_, queue) = self.topology.delay_at_least(wait);
+                    return Err(Step::Delay {
+                        queue: queue.clone(),
+                    });
+                }
+                Next::Fail(outcome) => {
+                    return Err(self.decided(
+                        job,
+                        outcome,
+                        progress,
+                        None,
+                        Some(EventError::from_genesys(&error)),
+                    ));
+                }
+                Next::Pause => {
+                    let _ = self.systemic.send(SystemicFailure::now(error.to_string()));
+                    return Err(Step::GiveBack("systemic failure"));
+                }
+            }
+        }
+    }
+
+    /// The retry policy, in one place: capped exponential backoff with full jitter, at least
+    /// `Retry-After`; 429s do not count toward the attempt limit (Genesys asked us to wait,
+    /// nothing failed); ambiguous answers end `unknown` unless retrying them is enabled.
+    fn after_failure(
+        &self,
+        error: &GenesysError,
+        progress: &mut Progress,
+        has_side_effect: bool,
+    ) -> Next {
+        let (retry_after, counts) = match error.class() {
+            ErrorClass::Transient { retry_after } => {
+                (retry_after, error.http_status() != Some(429))
+            }
+            ErrorClass::Ambiguous if has_side_effect && !self.retry_ambiguous => {
+                return Next::Fail(Outcome::Unknown);
+            }
+            ErrorClass::Ambiguous => (None, true),
+            ErrorClass::Permanent => return Next::Fail(Outcome::Failed),
+            ErrorClass::Systemic | ErrorClass::RenewToken => return Next::Pause,
+        };
+        if counts {
+            progress.tries += 1;
+            if progress.tries >= self.max_attempts {
+                return Next::Fail(Outcome::Failed);
+            }
+        }
+        let backoff = full_jitter_backoff(progress.tries.max(1));
+        Next::RetryAfter(backoff.max(retry_after.unwrap_or_default()))
+    }
+
+    /// Sleeps unless shutdown starts first; `false` when it did.
+    async fn sleep_unless_shutdown(&self, wait: Duration) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+
+    /// A decision for a claimed job.
+    fn decided(
+        &self,
+        job: &DialJob,
+        outcome: Outcome,
+        progress: &Progress,
+        user: Option<UserId>,
+        error: Option<EventError>,
+    ) -> Step {
+        Step::Decided(Box::new(
+            self.job_event(job, outcome, progress, user, error),
+        ))
+    }
+
+    fn job_event(
+        &self,
+        job: &DialJob,
+        outcome: Outcome,
+        progress: &Progress,
+        user: Option<UserId>,
+        error: Option<EventError>,
+    ) -> ResultEvent {
+        let mut event = self.event(
+            Some(job.job_id.as_str().to_owned()),
+            outcome,
+            progress,
+            error,
+        );
+        event.agent_user_id = user
+            .or(match &job.agent {
+                Agent::UserId(id) => Some(*id),
+                Agent::Email(_) => None,
+            })
+            .map(|id| id.to_string());
+        event.phone_number = Some(job.phone_number.e164().to_owned());
+        event.attributes = (!job.attributes.is_empty()).then(|| job.attributes.clone());
+        event
+    }
+
+    fn event(
+        &self,
+        job_id: Option<String>,
+        outcome: Outcome,
+        progress: &Progress,
+        error: Option<EventError>,
+    ) -> ResultEvent {
+        ResultEvent {
+            job_id,
+            outcome,
+            conversation_id: None,
+            agent_user_id: None,
+            phone_number: None,
+            attempts: progress.attempts,
+            error,
+            attributes: None,
+            received_at: progress.received_at,
+            completed_at: OffsetDateTime::now_utc(),
+            worker: self.worker.clone(),
+        }
+    }
+}
+
+/// Counters of the job across deliveries.
+struct Progress {
+    received_at: OffsetDateTime,
+    attempts: u32,
+    tries: u32,
+}
+
+/// Where the claimed job's step ended.
+enum Step {
+    Decided(Box<ResultEvent>),
+    Delay { queue: String },
+    GiveBack(&'static str),
+}
+
+/// What the retry policy says after a failure.
+enum Next {
+    RetryAfter(Duration),
+    Fail(Outcome),
+    Pause,
+}
+
+/// A uniformly random wait between zero and `min(cap, base · 2^(tries-1))` ("full jitter"):
+/// spreads retries of many jobs so they do not return in lockstep.
+pub fn full_jitter_backoff(tries: u32) -> Duration {
+    let exponent = tries.saturating_sub(1).min(16);
+    let ceiling = BACKOFF_BASE.saturating_mul(1 << exponent).min(BACKOFF_CAP);
+    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::rng().random_range(0..=millis))
+}
+
+fn duration_until(later: OffsetDateTime, now: OffsetDateTime) -> Duration {
+    Duration::try_from(later - now).unwrap_or_default()
+}
+
+fn publish(event: ResultEvent) -> Verdict {
+    let bytes = event.to_json();
+    Verdict::Publish {
+        event: Box::new(event),
+        bytes,
+    }
+}
+
+/// A recorded decision, published again exactly as recorded.
+fn republish(bytes: Vec<u8>) -> Verdict {
+    match ResultEvent::from_json(&bytes) {
+        Ok(event) => Verdict::Publish {
+            event: Box::new(event),
+            bytes,
+        },
+        // Only a corrupted store could get here; requeueing would loop, so stop and say so.
+        Err(error) => {
+            tracing::error!(%error, "a recorded decision cannot be read back; requeueing");
+            Verdict::Requeue {
+                reason: "unreadable recorded decision",
+            }
+        }
+    }
+}
+
+fn store_failure(error: crate::decisions::StoreError) -> SystemicFailure {
+    SystemicFailure::now(format!("decision store: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        for tries in 1..40 {
+            let wait = full_jitter_backoff(tries);
+            assert!(wait <= BACKOFF_CAP, "{tries}: {wait:?}");
+        }
+        let ceiling_first = BACKOFF_BASE;
+        assert!((0..200).all(|_| full_jitter_backoff(1) <= ceiling_first));
+        // Full jitter: with 200 draws under a 60 s ceiling, not all land in one narrow band.
+        let draws: Vec<_> = (0..200).map(|_| full_jitter_backoff(20)).collect();
+        let (min, max) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+        assert!(*max - *min > Duration::from_secs(10), "{min:?}..{max:?}");
+    }
+}

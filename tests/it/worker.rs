@@ -1,0 +1,362 @@
+//! The worker against the real RabbitMQ and the simulator: outcomes, dead-lettering, retries.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use dialer::event::Outcome;
+use dialer::sim::Faults;
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
+use serde_json::json;
+
+use crate::helpers::{agent, job, spawn_app};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn every_valid_job_is_placed_once() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    let n = 40;
+    for i in 0..n {
+        app.publish_job(&job(&format!("job-{i}"))).await;
+    }
+    let events = app.events(n, WAIT).await;
+    for (event, properties, routing_key) in &events {
+        assert_eq!(event.outcome, Outcome::Placed, "{event:?}");
+        assert_eq!(routing_key, "dial.placed");
+        assert!(event.conversation_id.is_some());
+        assert_eq!(event.agent_user_id.as_deref(), Some(agent().id.as_str()));
+        assert_eq!(event.phone_number.as_deref(), Some("+14155552671"));
+        assert_eq!(event.attempts, 1);
+        let job_id = event.job_id.clone().expect("job id");
+        assert_eq!(
+            event.attributes.as_ref().and_then(|a| a.get("crmRecord")),
+            Some(&job_id)
+        );
+        // correlation_id defaults to the jobId; the event is persistent JSON.
+        assert_eq!(
+            properties.correlation_id().as_ref().map(|c| c.as_str()),
+            Some(job_id.as_str())
+        );
+        assert_eq!(properties.delivery_mode(), &Some(2));
+        assert_eq!(
+            properties.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+    }
+    let mut per_job: HashMap<String, usize> = HashMap::new();
+    for call in app.sim.placed_calls() {
+        *per_job
+            .entry(call.attributes["dialerJobId"].clone())
+            .or_default() += 1;
+    }
+    assert_eq!(per_job.len(), n, "every job reached the simulator");
+    assert!(
+        per_job.values().all(|c| *c == 1),
+        "nobody rung twice: {per_job:?}"
+    );
+    assert_eq!(app.depth(&app.topology.jobs_queue).await, 0);
+    assert_eq!(app.depth(&app.topology.dead_letter_queue).await, 0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn bad_jobs_are_rejected_dead_lettered_byte_for_byte_and_never_dialled() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    let agent_id = agent().id;
+    let oversized = format!(
+        r#"{{"jobId":"big","agentUserId":"{agent_id}","phoneNumber":"+14155552671","label":"{}"}}"#,
+        "x".repeat(70_000)
+    );
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not-json", b"this is not json".to_vec(), "not_json"),
+        ("not-object", b"[1,2,3]".to_vec(), "not_an_object"),
+        ("missing", format!(r#"{{"jobId":"m1","agentUserId":"{agent_id}"}}"#).into_bytes(), "missing_field"),
+        ("unknown", format!(r#"{{"jobId":"u1","agentUserId":"{agent_id}","phoneNumber":"+14155552671","phone":"x"}}"#).into_bytes(), "unknown_field"),
+        ("bad-number", format!(r#"{{"jobId":"n1","agentUserId":"{agent_id}","phoneNumber":"12345"}}"#).into_bytes(), "invalid_field"),
+        ("bad-uuid", br#"{"jobId":"g1","agentUserId":"not-a-uuid","phoneNumber":"+14155552671"}"#.to_vec(), "invalid_field"),
+        ("oversized", oversized.into_bytes(), "too_large"),
+        ("unknown-agent", br#"{"jobId":"e1","agentEmail":"nobody@example.com","phoneNumber":"+14155552671"}"#.to_vec(), "unknown_agent"),
+    ];
+    for (name, body, _) in &cases {
+        let properties = BasicProperties::default()
+            .with_message_id((*name).into())
+            .with_headers({
+                let mut headers = lapin::types::FieldTable::default();
+                headers.insert("crm-trace".into(), AMQPValue::LongString("kept".into()));
+                headers
+            });
+        app.publish(body, properties).await;
+    }
+    let events = app.result_events(cases.len(), WAIT).await;
+    let dead = app
+        .take(&app.topology.dead_letter_queue, cases.len(), WAIT)
+        .await;
+    for (name, body, kind) in &cases {
+        let event = events
+            .iter()
+            .find(|e| {
+                e.error.as_ref().is_some_and(|err| err.kind == *kind)
+                    && dead_for(&dead, name).is_some()
+            })
+            .unwrap_or_else(|| panic!("{name}: no rejected event of kind {kind} in {events:#?}"));
+        assert_eq!(event.outcome, Outcome::Rejected, "{name}");
+        assert!(!event.error.as_ref().unwrap().message.is_empty());
+        let message = dead_for(&dead, name).unwrap_or_else(|| panic!("{name} not dead-lettered"));
+        assert_eq!(&message.delivery.data, body, "{name}: body byte for byte");
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .expect("headers");
+        let header = |key: &str| headers.inner().get(key).cloned();
+        assert_eq!(
+            header("crm-trace"),
+            Some(AMQPValue::LongString("kept".into())),
+            "{name}: original headers kept"
+        );
+        assert_eq!(
+            header("x-dialer-outcome"),
+            Some(AMQPValue::LongString("rejected".into()))
+        );
+        assert_eq!(
+            header("x-dialer-error-kind"),
+            Some(AMQPValue::LongString((*kind).into())),
+            "{name}"
+        );
+        for key in [
+            "x-dialer-error",
+            "x-dialer-attempts",
+            "x-dialer-dead-lettered-at",
+            "x-dialer-job-id",
+        ] {
+            assert!(header(key).is_some(), "{name}: {key}");
+        }
+    }
+    let named = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e.error.as_ref().unwrap().kind == kind)
+            .unwrap()
+            .error
+            .clone()
+            .unwrap()
+            .message
+    };
+    assert!(
+        named("unknown_field").contains("phone"),
+        "{}",
+        named("unknown_field")
+    );
+    assert!(
+        named("missing_field").contains("phoneNumber"),
+        "{}",
+        named("missing_field")
+    );
+    assert!(named("unknown_agent").contains("nobody@example.com"));
+    assert!(
+        app.sim.attempts().is_empty(),
+        "no call attempted for a bad job"
+    );
+
+    // Still running: a good job after the bad ones is placed.
+    app.publish_job(&job("good-after-bad")).await;
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Placed);
+    app.cleanup().await;
+}
+
+fn dead_for<'a>(
+    dead: &'a [lapin::message::BasicGetMessage],
+    message_id: &str,
+) -> Option<&'a lapin::message::BasicGetMessage> {
+    dead.iter().find(|m| {
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str())
+            == Some(message_id)
+    })
+}
+
+#[tokio::test]
+async fn the_same_job_twice_is_placed_then_duplicate() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    app.publish_job(&job("twice")).await;
+    let first = app.result_events(1, WAIT).await;
+    assert_eq!(first[0].outcome, Outcome::Placed);
+    app.publish_job(&job("twice")).await;
+    let second = app.result_events(1, WAIT).await;
+    assert_eq!(second[0].outcome, Outcome::Duplicate);
+    assert_eq!(second[0].job_id.as_deref(), Some("twice"));
+    assert_eq!(app.sim.placed_calls().len(), 1);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_until_placed_or_failed() {
+    let app = spawn_app(
+        |s| {
+            s.faults = Faults {
+                fail_next: vec![503, 503],
+                retry_after_secs: 0,
+                ..Faults::default()
+            }
+        },
+        |w| w.max_attempts = std::num::NonZeroU32::new(3).unwrap(),
+    )
+    .await;
+    app.publish_job(&job("flaky")).await;
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Placed, "{:?}", events[0]);
+    assert_eq!(events[0].attempts, 3);
+    assert_eq!(app.sim.attempts().len(), 3);
+
+    app.sim.set_faults(Faults {
+        error_rate: 1.0,
+        error_statuses: vec![503],
+        ..Faults::default()
+    });
+    app.publish_job(&job("down")).await;
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Failed, "{:?}", events[0]);
+    assert_eq!(events[0].attempts, 3, "DIALER_MAX_ATTEMPTS");
+    let error = events[0].error.clone().expect("error");
+    assert_eq!(error.http_status, Some(503));
+    assert!(error.correlation_id.is_some());
+    let dead = app.take(&app.topology.dead_letter_queue, 1, WAIT).await;
+    assert_eq!(
+        dead[0]
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .get("x-dialer-outcome"),
+        Some(&AMQPValue::LongString("failed".into()))
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn ambiguous_answers_end_unknown_after_exactly_one_attempt() {
+    let app = spawn_app(
+        |s| {
+            s.faults = Faults {
+                fail_next: vec![504],
+                ..Faults::default()
+            }
+        },
+        |w| w.genesys.timeout = Duration::from_millis(500),
+    )
+    .await;
+    app.publish_job(&job("gateway-timeout")).await;
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Unknown, "{:?}", events[0]);
+    assert_eq!(app.sim.attempts().len(), 1);
+
+    app.sim.set_faults(Faults {
+        hang_next: 1,
+        ..Faults::default()
+    });
+    app.publish_job(&job("hangs")).await;
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Unknown, "{:?}", events[0]);
+    assert_eq!(events[0].error.as_ref().unwrap().kind, "timeout");
+    assert_eq!(app.sim.attempts().len(), 2, "one attempt for the hung job");
+    assert_eq!(
+        app.take(&app.topology.dead_letter_queue, 2, WAIT)
+            .await
+            .len(),
+        2
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_429_stops_every_request_for_retry_after() {
+    let app = spawn_app(
+        |s| {
+            s.faults = Faults {
+                fail_next: vec![429],
+                retry_after_secs: 2,
+                ..Faults::default()
+            }
+        },
+        // Requests 200 ms apart: none is on the wire when the 429 comes back.
+        |w| {
+            w.rate_limit = dialer::config::Rate::new(5, Duration::from_secs(1)).unwrap();
+            w.rate_burst = std::num::NonZeroU32::new(1).unwrap();
+        },
+    )
+    .await;
+    for i in 0..5 {
+        app.publish_job(&job(&format!("limited-{i}"))).await;
+    }
+    let events = app.result_events(5, WAIT).await;
+    assert!(
+        events.iter().all(|e| e.outcome == Outcome::Placed),
+        "{events:#?}"
+    );
+    let attempts = app.sim.attempts();
+    let limited = attempts.iter().find(|a| a.status == 429).expect("one 429");
+    let after: Vec<_> = app
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.at_ms > limited.at_ms && r.path.starts_with("/api/v2"))
+        .collect();
+    let first_after = after.first().expect("requests after the 429");
+    // Requests already on the wire when the 429 arrived cannot be recalled; the 429 is the
+    // first answer here, so every later request must wait out Retry-After.
+    assert!(
+        first_after.at_ms - limited.at_ms >= 2000,
+        "a request {} ms after the 429",
+        first_after.at_ms - limited.at_ms
+    );
+    let limited_event = events
+        .iter()
+        .find(|e| e.attempts == 2)
+        .expect("the limited job counts the 429 as an attempt");
+    assert_eq!(limited_event.outcome, Outcome::Placed);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn expired_jobs_are_not_dialled_and_not_before_is_honoured() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    let mut expired = job("expired");
+    expired["expiresAt"] = json!("2020-01-01T00:00:00Z");
+    app.publish_job(&expired).await;
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Expired);
+    assert!(app.sim.attempts().is_empty());
+    assert_eq!(
+        app.depth(&app.topology.dead_letter_queue).await,
+        0,
+        "expired jobs are acked"
+    );
+
+    let not_before = time::OffsetDateTime::now_utc() + Duration::from_secs(3);
+    let mut later = job("later");
+    later["notBefore"] = json!(
+        not_before
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    );
+    app.publish_job(&later).await;
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Placed);
+    let placed = &app.sim.placed_calls()[0];
+    let placed_at =
+        time::OffsetDateTime::parse(&placed.at, &time::format_description::well_known::Rfc3339)
+            .unwrap();
+    assert!(
+        placed_at >= not_before,
+        "placed at {placed_at}, not before {not_before}"
+    );
+    app.cleanup().await;
+}
