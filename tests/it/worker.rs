@@ -360,3 +360,135 @@ async fn expired_jobs_are_not_dialled_and_not_before_is_honoured() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn refused_credentials_pause_the_worker_without_losing_a_job() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    let readiness = app.worker.as_ref().unwrap().readiness.clone();
+    app.sim.set_faults(Faults {
+        reject_credentials: true,
+        ..Faults::default()
+    });
+    for i in 0..5 {
+        app.publish_job(&job(&format!("paused-{i}"))).await;
+    }
+    crate::helpers::wait_until(WAIT, "the worker reports not ready", || {
+        let ready = readiness.is_ready();
+        async move { !ready }
+    })
+    .await;
+    // Every job is given back to the queue, none dead-lettered, no event published.
+    crate::helpers::wait_until(WAIT, "all 5 jobs are back in the queue", || async {
+        app.depth(&app.topology.jobs_queue).await == 5
+    })
+    .await;
+    assert_eq!(app.depth(&app.topology.dead_letter_queue).await, 0);
+    assert_eq!(app.depth(&app.events_queue).await, 0);
+    assert!(app.sim.placed_calls().is_empty());
+    assert!(
+        !readiness.is_ready(),
+        "still paused while the credentials are refused"
+    );
+
+    app.sim.set_faults(Faults::default());
+    let events = app.result_events(5, Duration::from_secs(60)).await;
+    assert!(
+        events.iter().all(|e| e.outcome == Outcome::Placed),
+        "{events:#?}"
+    );
+    assert_eq!(app.sim.placed_calls().len(), 5);
+    crate::helpers::wait_until(WAIT, "ready again", || {
+        let ready = readiness.is_ready();
+        async move { ready }
+    })
+    .await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_rate_limit_holds_in_every_window() {
+    let sim = crate::helpers::spawn_sim(|_| {}).await;
+    let mut settings = crate::helpers::run_settings(&sim).await;
+    let (rate, burst) = (10u32, 2u32);
+    settings.rate_limit = dialer::config::Rate::new(rate, Duration::from_secs(1)).unwrap();
+    settings.rate_burst = std::num::NonZeroU32::new(burst).unwrap();
+    let app = crate::helpers::TestApp::connect(sim, settings).await;
+    // A backlog before the worker starts, so the limiter is what paces it.
+    let n = 40;
+    for i in 0..n {
+        app.publish_job(&job(&format!("paced-{i}"))).await;
+    }
+    let app = app.start_worker().await;
+    let events = app.result_events(n, Duration::from_secs(30)).await;
+    assert!(events.iter().all(|e| e.outcome == Outcome::Placed));
+    let arrivals: Vec<u64> = app
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/api/v2"))
+        .map(|r| r.at_ms)
+        .collect();
+    assert_eq!(arrivals.len(), n);
+    // Any window [t_i, t_j] holds at most rate·t + burst requests. One request of slack:
+    // arrival times at the simulator carry a few ms of network and scheduling jitter that
+    // can pull two paced requests closer together than they left.
+    for i in 0..arrivals.len() {
+        for j in i + 1..arrivals.len() {
+            let window_s = (arrivals[j] - arrivals[i]) as f64 / 1000.0;
+            let count = (j - i + 1) as f64;
+            let allowed = f64::from(rate) * window_s + f64::from(burst) + 1.0;
+            assert!(
+                count <= allowed,
+                "{count} requests in {window_s:.3} s (allowed {allowed:.1})"
+            );
+        }
+    }
+    let span_s = (arrivals[n - 1] - arrivals[0]) as f64 / 1000.0;
+    let expected = (n as f64 - f64::from(burst)) / f64::from(rate);
+    assert!(
+        span_s >= expected * 0.9,
+        "paced: {span_s:.2} s for {n} requests (expected ~{expected:.1} s)"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn real_events_of_every_outcome_match_the_documented_schema() {
+    let app = spawn_app(|_| {}, |w| w.genesys.timeout = Duration::from_millis(500)).await;
+    app.publish_job(&job("schema-placed")).await;
+    app.publish_job(&job("schema-placed")).await; // duplicate
+    app.publish(b"{not json", BasicProperties::default()).await; // rejected, jobId null
+    let mut expired = job("schema-expired");
+    expired["expiresAt"] = json!("2020-01-01T00:00:00Z");
+    app.publish_job(&expired).await;
+    let mut events = app.events(4, WAIT).await;
+    app.sim.set_faults(Faults {
+        fail_next: vec![404],
+        ..Faults::default()
+    });
+    app.publish_job(&job("schema-failed")).await;
+    events.extend(app.events(1, WAIT).await);
+    app.sim.set_faults(Faults {
+        fail_next: vec![502],
+        ..Faults::default()
+    });
+    app.publish_job(&job("schema-unknown")).await;
+    events.extend(app.events(1, WAIT).await);
+
+    let schema = crate::schemas::event_schema();
+    let mut seen = std::collections::HashSet::new();
+    for (event, _, routing_key) in &events {
+        let value = serde_json::to_value(event).unwrap();
+        let errors = crate::schemas::schema_errors(&schema, &value);
+        assert!(errors.is_empty(), "{value:#}: {errors:?}");
+        assert_eq!(*routing_key, format!("dial.{}", event.outcome.as_str()));
+        seen.insert(event.outcome);
+    }
+    for outcome in Outcome::ALL {
+        assert!(
+            seen.contains(&outcome),
+            "no {outcome:?} event among {events:#?}"
+        );
+    }
+    app.cleanup().await;
+}
