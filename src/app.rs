@@ -13,7 +13,12 @@ pub fn main(cli: Cli) -> ExitCode {
         Ok(format) => format,
         Err(error) => return config_error(&error),
     };
-    telemetry::init(format);
+    // Commands that print a report keep the log quiet unless RUST_LOG asks otherwise.
+    let default_filter = match cli.command {
+        Command::Demo(_) | Command::Bench(_) | Command::Check(_) => "warn",
+        _ => "info",
+    };
+    telemetry::init(format, default_filter);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -72,7 +77,11 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             worker.wait().await?;
             Ok(())
         }
-        Command::Check(_) => not_yet("check"),
+        Command::Check(args) => {
+            let settings = config::run_settings(&args)?;
+            crate::check::run(&settings).await?;
+            Ok(())
+        }
         Command::Enqueue(_) => not_yet("enqueue"),
         Command::Dlq(_) => not_yet("dlq"),
         Command::Topology(args) => {
@@ -100,7 +109,11 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Demo(_) => not_yet("demo"),
+        Command::Demo(args) => {
+            let broker = config::broker_settings(&args.broker)?;
+            crate::demo::run(broker, usize::from(args.jobs)).await?;
+            Ok(())
+        }
         Command::Bench(_) => not_yet("bench"),
     }
 }

@@ -35,7 +35,7 @@ pub enum Command {
     /// Prove the configuration: broker reachable, token obtained, permissions present.
     Check(RunArgs),
     /// The simulator, a worker and sample jobs in one process, with a summary.
-    Demo(BrokerArgs),
+    Demo(DemoArgs),
     /// Measure throughput, rate precision, overhead and memory against a broker.
     Bench(BrokerArgs),
 }
@@ -127,6 +127,17 @@ pub struct RunArgs {
     /// Name of this worker in result events (default: host name and process id).
     #[arg(long, env = "DIALER_WORKER_NAME")]
     pub worker_name: Option<String>,
+}
+
+/// Flags of `dialer demo`.
+#[derive(Debug, Args, Clone)]
+pub struct DemoArgs {
+    /// The broker (the demo uses its own queue prefix and deletes its queues afterwards).
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Valid jobs to publish (a duplicate, two invalid jobs and an expired one are added).
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub jobs: u16,
 }
 
 /// Flags of `dialer sim`.

@@ -10,9 +10,11 @@
 
 pub mod app;
 pub mod broker;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod decisions;
+pub mod demo;
 pub mod event;
 pub mod genesys;
 pub mod health;

@@ -1,6 +1,7 @@
 //! Integration tests: the Genesys client against the simulator, and the worker against a real
 //! RabbitMQ and the simulator.
 
+mod cli;
 mod genesys_client;
 mod helpers;
 mod schemas;

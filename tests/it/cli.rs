@@ -1,0 +1,116 @@
+//! The `dialer` binary as a user runs it: the demo, the simulator's first line, `check`, and
+//! configuration errors.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use crate::helpers::{amqp_url, spawn_sim};
+
+fn dialer() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dialer"));
+    // The tests' own environment must not leak settings into the child.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("DIALER_") || key.starts_with("GENESYS_") {
+            command.env_remove(key);
+        }
+    }
+    command.env("RUST_LOG", "warn");
+    command
+}
+
+#[tokio::test]
+async fn the_demo_places_every_valid_job_once() {
+    let url = amqp_url().await;
+    let output = tokio::task::spawn_blocking(move || {
+        dialer()
+            .args(["demo", "--jobs", "4"])
+            .env("DIALER_AMQP_URL", url)
+            .output()
+            .expect("dialer demo runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("8 events for 8 jobs: duplicate 1, expired 1, placed 4, rejected 2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("nobody was rung twice"), "{stdout}");
+}
+
+#[test]
+fn the_simulator_says_where_it_listens_first() {
+    let mut child = dialer()
+        .args(["sim", "--addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("dialer sim starts");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let address = first
+        .trim()
+        .strip_prefix("listening on http://127.0.0.1:")
+        .unwrap_or_else(|| panic!("{first:?}"));
+    assert!(address.parse::<u16>().unwrap() > 0, "{first:?}");
+}
+
+#[test]
+fn a_bad_setting_stops_the_start_with_one_line_naming_it() {
+    let output = dialer()
+        .args(["run"])
+        .env("GENESYS_CLIENT_ID", "id")
+        .env("GENESYS_CLIENT_SECRET", "very-secret-value")
+        .env("DIALER_RATE_LIMIT", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("DIALER_RATE_LIMIT") && stderr.contains("N/s"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("very-secret-value"));
+}
+
+#[tokio::test]
+async fn check_proves_the_credentials_and_permissions() {
+    let sim = spawn_sim(|_| {}).await;
+    let base = sim.base_url();
+    let url = amqp_url().await;
+    let run = move |secret: &'static str| {
+        let (base, url) = (base.clone(), url.clone());
+        tokio::task::spawn_blocking(move || {
+            dialer()
+                .arg("check")
+                .env("DIALER_AMQP_URL", url)
+                .env("GENESYS_CLIENT_ID", "test-client")
+                .env("GENESYS_CLIENT_SECRET", secret)
+                .env("GENESYS_API_BASE_URL", &base)
+                .env("GENESYS_LOGIN_BASE_URL", &base)
+                .output()
+                .unwrap()
+        })
+    };
+    let good = run("test-secret").await.unwrap();
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("ok   token") && stdout.contains("ok   user search"),
+        "{stdout}"
+    );
+    let bad = run("wrong-secret").await.unwrap();
+    let stdout = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("FAIL token"), "{stdout}");
+    assert!(!String::from_utf8_lossy(&bad.stderr).contains("wrong-secret"));
+}
