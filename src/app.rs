@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, DlqAction};
 use crate::config::{self, ConfigError};
 use crate::sim;
 use crate::telemetry;
@@ -82,8 +82,21 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             crate::check::run(&settings).await?;
             Ok(())
         }
-        Command::Enqueue(_) => not_yet("enqueue"),
-        Command::Dlq(_) => not_yet("dlq"),
+        Command::Enqueue(args) => {
+            let broker = config::broker_settings(&args.broker)?;
+            crate::enqueue::run(broker, args.file, !args.no_validate).await?;
+            Ok(())
+        }
+        Command::Dlq(args) => {
+            let broker = config::broker_settings(&args.broker)?;
+            let action = match args.action {
+                DlqAction::Count => crate::dlq::Action::Count,
+                DlqAction::Show { limit } => crate::dlq::Action::Show(limit),
+                DlqAction::Replay { limit } => crate::dlq::Action::Replay(limit),
+            };
+            crate::dlq::run(broker, action).await?;
+            Ok(())
+        }
         Command::Topology(args) => {
             let broker = config::broker_settings(&args)?;
             let topology = crate::broker::Topology::new(&broker.prefix, broker.queue_type);

@@ -27,9 +27,9 @@ pub enum Command {
     /// A Genesys Cloud simulator for development, tests and benchmarks.
     Sim(SimArgs),
     /// Publish jobs from NDJSON (file or stdin) with confirms.
-    Enqueue(BrokerArgs),
+    Enqueue(EnqueueArgs),
     /// Count, show and replay dead-lettered jobs.
-    Dlq(BrokerArgs),
+    Dlq(DlqArgs),
     /// Declare the queues and exchanges and exit.
     Topology(BrokerArgs),
     /// Prove the configuration: broker reachable, token obtained, permissions present.
@@ -127,6 +127,49 @@ pub struct RunArgs {
     /// Name of this worker in result events (default: host name and process id).
     #[arg(long, env = "DIALER_WORKER_NAME")]
     pub worker_name: Option<String>,
+}
+
+/// Flags of `dialer enqueue`.
+#[derive(Debug, Args, Clone)]
+pub struct EnqueueArgs {
+    /// The broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// NDJSON file of jobs, one JSON object per line (stdin when absent or `-`).
+    pub file: Option<PathBuf>,
+    /// Publish lines as they are, without checking them first (the worker rejects bad ones).
+    #[arg(long)]
+    pub no_validate: bool,
+}
+
+/// Flags of `dialer dlq`.
+#[derive(Debug, Args, Clone)]
+pub struct DlqArgs {
+    /// The broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: DlqAction,
+}
+
+/// `dialer dlq` actions.
+#[derive(Debug, Subcommand, Clone, Copy)]
+pub enum DlqAction {
+    /// How many jobs are dead-lettered.
+    Count,
+    /// Print the oldest dead-lettered jobs with why they ended there (they stay in place).
+    Show {
+        /// How many.
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+    },
+    /// Send the oldest dead-lettered jobs back to the jobs queue, one at a time with confirms.
+    Replay {
+        /// How many.
+        #[arg(long, default_value_t = 1)]
+        limit: u32,
+    },
 }
 
 /// Flags of `dialer demo`.

@@ -418,6 +418,36 @@ impl DecisionStore {
         Ok(())
     }
 
+    /// Forgets a decided job so it can be claimed again: a person replaying it from the
+    /// dead-letter queue has decided it should be tried once more. Returns whether a decision
+    /// was removed; claims and waiting jobs are left alone.
+    pub async fn forget_decision(&self, job_id: &str) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Memory(map) => {
+                let mut map = lock(map);
+                let decided = map
+                    .get(job_id)
+                    .is_some_and(|record| matches!(record.state, JobState::Decided { .. }));
+                if decided {
+                    map.remove(job_id);
+                }
+                Ok(decided)
+            }
+            Backend::File(file) => {
+                let id = job_id.to_owned();
+                file.run("forget_decision", move |conn| {
+                    let n = conn
+                        .prepare_cached(
+                            "DELETE FROM decisions WHERE job_id = ?1 AND state = 'decided'",
+                        )?
+                        .execute(params![id])?;
+                    Ok(n > 0)
+                })
+                .await
+            }
+        }
+    }
+
     /// The job's state, or `None` when the store does not know it.
     pub async fn get(&self, job_id: &str) -> Result<Option<JobState>, StoreError> {
         match &self.backend {
@@ -708,6 +738,26 @@ mod tests {
                 "{what}"
             );
             assert_eq!(store.get("nope").await.unwrap(), None, "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_decision_can_be_claimed_again_and_claims_are_not_forgotten() {
+        for (_dir, store) in backends() {
+            let what = store.describe();
+            store.try_claim("j1", "w1").await.unwrap();
+            assert!(
+                !store.forget_decision("j1").await.unwrap(),
+                "{what}: a claim stays"
+            );
+            store.decide("j1", b"failed").await.unwrap();
+            assert!(store.forget_decision("j1").await.unwrap(), "{what}");
+            assert_eq!(store.get("j1").await.unwrap(), None, "{what}");
+            assert_eq!(
+                store.try_claim("j1", "w2").await.unwrap(),
+                ClaimResult::Claimed,
+                "{what}"
+            );
         }
     }
 

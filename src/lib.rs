@@ -15,6 +15,8 @@ pub mod cli;
 pub mod config;
 pub mod decisions;
 pub mod demo;
+pub mod dlq;
+pub mod enqueue;
 pub mod event;
 pub mod genesys;
 pub mod health;

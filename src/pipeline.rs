@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::broker::{Topology, header_u32};
+use crate::broker::{Topology, header_str, header_u32};
 use crate::decisions::{ClaimResult, DecisionStore, JobState};
 use crate::event::{EventError, Outcome, ResultEvent};
 use crate::genesys::{ErrorClass, GenesysClient, GenesysError, UserId};
@@ -27,6 +27,8 @@ use crate::telemetry::mask_phone;
 pub const ATTEMPTS_HEADER: &str = "x-dialer-attempts";
 /// Header counting the failures that count toward `DIALER_MAX_ATTEMPTS` (429s do not).
 pub const TRIES_HEADER: &str = "x-dialer-tries";
+/// Header `dialer dlq replay` sets: a person asked for this dead-lettered job to be tried again.
+pub const REPLAY_HEADER: &str = "x-dialer-replayed-at";
 
 /// Waits up to this long happen in process (the message stays unacked); longer ones go through
 /// a delay queue, so no message is held near the broker's consumer timeout.
@@ -172,9 +174,14 @@ impl Pipeline {
             .as_ref()
             .map(|s| s.as_str());
         let attempts = header_u32(incoming.properties, ATTEMPTS_HEADER);
-        // A copy we sent through a delay queue carries our counter; it may claim a waiting job.
-        let from_delay = attempts.is_some();
-        let retry_copy = from_delay || incoming.redelivered;
+        let arrival = if incoming.redelivered || attempts.is_some() {
+            // A redelivery, or a copy we sent through a delay queue (it carries our counter).
+            Arrival::Retry
+        } else if header_str(incoming.properties, REPLAY_HEADER).is_some() {
+            Arrival::Replay
+        } else {
+            Arrival::New
+        };
         let mut progress = Progress {
             received_at,
             attempts: attempts.unwrap_or(0),
@@ -196,7 +203,7 @@ impl Pipeline {
             }
         };
         let span = tracing::info_span!("job", job_id = %job.job_id, attempts = progress.attempts);
-        self.claim_and_decide(job, retry_copy, &mut progress)
+        self.claim_and_decide(job, arrival, &mut progress)
             .instrument(span)
             .await
             .unwrap_or_else(|failure| {
@@ -209,19 +216,29 @@ impl Pipeline {
     async fn claim_and_decide(
         &self,
         job: DialJob,
-        retry_copy: bool,
+        arrival: Arrival,
         progress: &mut Progress,
     ) -> Result<Verdict, SystemicFailure> {
         let id = job.job_id.as_str().to_owned();
         let existing = self.store.get(&id).await.map_err(store_failure)?;
-        match existing {
-            None => {}
-            Some(JobState::Waiting) if retry_copy => {}
-            Some(JobState::Decided { event }) if retry_copy => return Ok(republish(event)),
-            Some(JobState::Claimed { owner }) if retry_copy => {
+        match (existing, arrival) {
+            (None, _) | (Some(JobState::Waiting), Arrival::Retry | Arrival::Replay) => {}
+            (Some(JobState::Decided { event }), Arrival::Replay) if reopenable(&event) => {
+                tracing::info!(
+                    "replayed from the dead-letter queue: its earlier decision is set aside"
+                );
+                self.store
+                    .forget_decision(&id)
+                    .await
+                    .map_err(store_failure)?;
+            }
+            (Some(JobState::Decided { event }), Arrival::Retry | Arrival::Replay) => {
+                return Ok(republish(event));
+            }
+            (Some(JobState::Claimed { owner }), Arrival::Retry | Arrival::Replay) => {
                 return self.claimed_elsewhere(&job, &owner, progress).await;
             }
-            Some(_) => return Ok(self.duplicate(&job, progress)),
+            (Some(_), Arrival::New) => return Ok(self.duplicate(&job, progress)),
         }
         match self
             .store
@@ -627,6 +644,24 @@ impl Pipeline {
             worker: self.worker.clone(),
         }
     }
+}
+
+/// How a message relates to earlier copies of its job; decides what an existing record means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arrival {
+    /// A new message: an existing record makes it a duplicate.
+    New,
+    /// The broker redelivered it, or it came back from a delay queue: the same job again.
+    Retry,
+    /// `dialer dlq replay` sent it back: a person wants a failed job tried once more.
+    Replay,
+}
+
+/// Whether a replay may set a recorded decision aside: only outcomes that went to the
+/// dead-letter queue. A replayed `unknown` may ring somebody a second time; replaying it is
+/// the reconciling person's explicit choice.
+fn reopenable(recorded: &[u8]) -> bool {
+    ResultEvent::from_json(recorded).is_ok_and(|event| event.outcome.goes_to_dead_letter())
 }
 
 /// Counters of the job across deliveries.

@@ -114,3 +114,141 @@ async fn check_proves_the_credentials_and_permissions() {
     assert!(stdout.contains("FAIL token"), "{stdout}");
     assert!(!String::from_utf8_lossy(&bad.stderr).contains("wrong-secret"));
 }
+
+#[tokio::test]
+async fn enqueue_publishes_valid_lines_and_names_the_bad_ones() {
+    let sim = spawn_sim(|_| {}).await;
+    let settings = crate::helpers::run_settings(&sim).await;
+    let app = crate::helpers::TestApp::connect(sim, settings).await;
+    let file = std::env::temp_dir().join(format!("{}.ndjson", app.settings.broker.prefix));
+    let lines: Vec<String> = (0..3)
+        .map(|i| crate::helpers::job(&format!("enq-{i}")).to_string())
+        .chain(["{\"jobId\": \"enq-bad\", \"phoneNumber\": \"+14155552671\"}".to_owned()])
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let (url, prefix, path) = (
+        app.settings.broker.amqp_url.clone(),
+        app.settings.broker.prefix.clone(),
+        file.clone(),
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        dialer()
+            .arg("enqueue")
+            .arg(&path)
+            .env("DIALER_AMQP_URL", url)
+            .env("DIALER_PREFIX", prefix)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("line 4") && stderr.contains("agentUserId"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("published 3 jobs"));
+    let queued = app
+        .take(
+            &app.topology.jobs_queue,
+            3,
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+    let ids: Vec<_> = queued
+        .iter()
+        .map(|m| {
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            Some("enq-0".into()),
+            Some("enq-1".into()),
+            Some("enq-2".into())
+        ]
+    );
+    assert_eq!(app.depth(&app.topology.jobs_queue).await, 0);
+    std::fs::remove_file(file).unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_failed_job_replayed_from_the_dead_letter_queue_is_tried_again() {
+    let app = crate::helpers::spawn_app(
+        |s| {
+            s.faults = dialer::sim::Faults {
+                fail_next: vec![404],
+                ..Default::default()
+            }
+        },
+        |_| {},
+    )
+    .await;
+    app.publish_job(&crate::helpers::job("replay-me")).await;
+    let first = app
+        .result_events(1, std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(first[0].outcome, dialer::event::Outcome::Failed);
+    crate::helpers::wait_until(
+        std::time::Duration::from_secs(10),
+        "the job is dead-lettered",
+        || async { app.depth(&app.topology.dead_letter_queue).await == 1 },
+    )
+    .await;
+    let (url, prefix) = (
+        app.settings.broker.amqp_url.clone(),
+        app.settings.broker.prefix.clone(),
+    );
+    let dlq = move |args: &'static [&'static str]| {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        tokio::task::spawn_blocking(move || {
+            dialer()
+                .arg("dlq")
+                .args(args)
+                .env("DIALER_AMQP_URL", url)
+                .env("DIALER_PREFIX", prefix)
+                .output()
+                .unwrap()
+        })
+    };
+    let count = dlq(&["count"]).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&count.stdout).starts_with("1 jobs"),
+        "{count:?}"
+    );
+    let show = dlq(&["show"]).await.unwrap();
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        shown.contains("job replay-me") && shown.contains("outcome failed"),
+        "{shown}"
+    );
+    assert_eq!(
+        app.depth(&app.topology.dead_letter_queue).await,
+        1,
+        "show leaves it in place"
+    );
+    let replay = dlq(&["replay", "--limit", "5"]).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&replay.stdout).contains("replayed 1 jobs"),
+        "{replay:?}"
+    );
+    let second = app
+        .result_events(1, std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        second[0].outcome,
+        dialer::event::Outcome::Placed,
+        "{second:?}"
+    );
+    assert_eq!(second[0].job_id.as_deref(), Some("replay-me"));
+    assert_eq!(app.sim.placed_calls().len(), 1);
+    assert_eq!(app.depth(&app.topology.dead_letter_queue).await, 0);
+    app.cleanup().await;
+}

@@ -1,0 +1,122 @@
+//! `dialer dlq`: counts, shows and replays dead-lettered jobs.
+//!
+//! Replay moves one message at a time: publish to the jobs queue with a confirm, then ack the
+//! dead letter, so a crash mid-replay loses nothing (at worst one job is replayed twice).
+
+use anyhow::Context as _;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+
+use crate::broker::{self, Publisher, Topology, header_str, header_u32, text};
+use crate::config::BrokerSettings;
+use crate::pipeline::REPLAY_HEADER;
+
+/// What to do with the dead-letter queue.
+#[derive(Clone, Copy, Debug)]
+pub enum Action {
+    /// Print how many jobs are dead-lettered.
+    Count,
+    /// Print up to this many, leaving them in place.
+    Show(u32),
+    /// Send up to this many back to the jobs queue.
+    Replay(u32),
+}
+
+/// Runs `action` against the dead-letter queue of `broker`'s prefix.
+pub async fn run(broker: BrokerSettings, action: Action) -> anyhow::Result<()> {
+    let topology = Topology::new(&broker.prefix, broker.queue_type);
+    let connection = broker::connect(&broker.amqp_url, "dialer dlq").await?;
+    let publisher = Publisher::open(&connection).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    let queue = topology.dead_letter_queue.as_str();
+    let count = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| {
+            format!("{queue} does not exist: run `dialer topology` or a worker first")
+        })?
+        .message_count();
+    match action {
+        Action::Count => println!("{count} jobs in {queue}"),
+        Action::Show(limit) => {
+            for _ in 0..limit.min(count) {
+                let Some(message) = channel
+                    .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                    .await?
+                else {
+                    break;
+                };
+                let props = &message.delivery.properties;
+                let field = |name: &str| header_str(props, name).unwrap_or_else(|| "-".to_owned());
+                println!(
+                    "job {}  outcome {}  attempts {}  at {}\n  {}: {}\n  body: {}",
+                    field("x-dialer-job-id"),
+                    field("x-dialer-outcome"),
+                    header_u32(props, "x-dialer-attempts").unwrap_or(0),
+                    field("x-dialer-dead-lettered-at"),
+                    field("x-dialer-error-kind"),
+                    field("x-dialer-error"),
+                    String::from_utf8_lossy(&message.delivery.data)
+                        .chars()
+                        .take(300)
+                        .collect::<String>()
+                );
+            }
+            // Unacked messages go back to the queue, in order, when the channel closes.
+            let _ = channel.close(200, "shown".into()).await;
+            println!("({count} jobs in {queue}; shown ones left in place)");
+        }
+        Action::Replay(limit) => {
+            let mut replayed = 0;
+            while replayed < limit {
+                let Some(message) = channel
+                    .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                    .await?
+                else {
+                    break;
+                };
+                let delivery = &message.delivery;
+                // The worker's own headers go: a replayed job starts counting afresh, and the
+                // replay header tells the worker a person asked for another try.
+                let mut headers = FieldTable::default();
+                if let Some(original) = delivery.properties.headers() {
+                    for (name, value) in original.inner() {
+                        if !name.as_str().starts_with("x-dialer-") {
+                            headers.insert(name.clone(), value.clone());
+                        }
+                    }
+                }
+                let now = time::OffsetDateTime::now_utc()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                headers.insert(ShortString::from(REPLAY_HEADER), text(now));
+                let properties = delivery.properties.clone().with_headers(headers);
+                publisher
+                    .publish("", &topology.jobs_queue, &delivery.data, properties, true)
+                    .await
+                    .context("replaying to the jobs queue")?;
+                delivery
+                    .ack(BasicAckOptions { multiple: false })
+                    .await
+                    .context("removing the replayed job from the dead-letter queue")?;
+                replayed += 1;
+            }
+            println!(
+                "replayed {replayed} jobs from {queue} to {}",
+                topology.jobs_queue
+            );
+        }
+    }
+    let _ = connection.close(200, "dlq done".into()).await;
+    Ok(())
+}
