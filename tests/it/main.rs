@@ -4,5 +4,6 @@
 mod cli;
 mod genesys_client;
 mod helpers;
+mod resilience;
 mod schemas;
 mod worker;
