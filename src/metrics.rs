@@ -36,8 +36,8 @@ pub const EVENTS_PUBLISHED_TOTAL: &str = "dialer_events_published_total";
 /// Always 1, labelled with `version`.
 pub const BUILD_INFO: &str = "dialer_build_info";
 /// Genesys's `inin-ratelimit-count` / `inin-ratelimit-allowed` from the last answer that carried them.
-pub const GENESYS_RATELIMIT_COUNT: &str = "dialer_genesys_ratelimit_count";
-/// See [`GENESYS_RATELIMIT_COUNT`].
+pub const GENESYS_RATELIMIT_USED: &str = "dialer_genesys_ratelimit_used";
+/// See [`GENESYS_RATELIMIT_USED`].
 pub const GENESYS_RATELIMIT_ALLOWED: &str = "dialer_genesys_ratelimit_allowed";
 
 /// Buckets for latency-like histograms: 1 ms to 1 min.
@@ -112,7 +112,7 @@ fn describe() {
     );
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs.");
     describe_gauge!(
-        GENESYS_RATELIMIT_COUNT,
+        GENESYS_RATELIMIT_USED,
         "inin-ratelimit-count of the last Genesys answer that had it."
     );
     describe_gauge!(

@@ -302,7 +302,7 @@ impl GenesysClient {
             header("inin-ratelimit-count").and_then(|v| v.parse::<f64>().ok()),
             header("inin-ratelimit-allowed").and_then(|v| v.parse::<f64>().ok()),
         ) {
-            metrics::gauge!(m::GENESYS_RATELIMIT_COUNT).set(count);
+            metrics::gauge!(m::GENESYS_RATELIMIT_USED).set(count);
             metrics::gauge!(m::GENESYS_RATELIMIT_ALLOWED).set(allowed);
         }
         if (200..300).contains(&status) {

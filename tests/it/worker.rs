@@ -492,3 +492,95 @@ async fn real_events_of_every_outcome_match_the_documented_schema() {
     }
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_long_not_before_waits_in_a_delay_queue_not_in_the_worker() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    let not_before = time::OffsetDateTime::now_utc() + Duration::from_secs(8);
+    let mut later = job("much-later");
+    later["notBefore"] = json!(
+        not_before
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    );
+    app.publish_job(&later).await;
+    // 8 s is past the in-process limit: the job waits in the 5 s tier, then in process.
+    let (_, tier) = app.topology.delay_queues[1].clone();
+    crate::helpers::wait_until(WAIT, "the job sits in the 5 s delay queue", || async {
+        app.depth(&tier).await == 1
+    })
+    .await;
+    assert_eq!(
+        app.depth(&app.topology.jobs_queue).await,
+        0,
+        "acked, not held unacked"
+    );
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Placed);
+    let placed = &app.sim.placed_calls()[0];
+    let placed_at =
+        time::OffsetDateTime::parse(&placed.at, &time::format_description::well_known::Rfc3339)
+            .unwrap();
+    assert!(
+        placed_at >= not_before,
+        "placed at {placed_at}, not before {not_before}"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn metrics_and_probes_are_served() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    app.publish_job(&job("observed")).await;
+    app.publish(b"nonsense", BasicProperties::default()).await;
+    app.result_events(2, WAIT).await;
+    let addr = app.worker.as_ref().unwrap().metrics_addr;
+    let get = |path: &'static str| async move {
+        let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    assert_eq!(get("/readyz").await, (200, "ready\n".to_owned()));
+    // The outcome counter is bumped after the ack, which may follow the event by a moment.
+    crate::helpers::wait_until(WAIT, "both jobs are counted", || async {
+        let body = get("/metrics").await.1;
+        body.contains(r#"dialer_jobs_completed_total{outcome="rejected"}"#)
+            && body.contains(r#"dialer_jobs_completed_total{outcome="placed"}"#)
+    })
+    .await;
+    let body = get("/metrics").await.1;
+    for name in [
+        "dialer_jobs_received_total",
+        "dialer_jobs_in_flight",
+        "dialer_job_duration_seconds_bucket",
+        "dialer_genesys_requests_total{operation=\"place_call\",status=\"200\"}",
+        "dialer_genesys_request_duration_seconds_bucket",
+        "dialer_rate_limiter_wait_seconds_bucket",
+        "dialer_token_renewals_total{result=\"ok\"}",
+        "dialer_broker_connected 1",
+        "dialer_events_published_total",
+        "dialer_build_info{version=",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
+    }
+    // Every exported metric is described, and no label carries a job id or a phone number.
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let family = name
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        assert!(
+            body.contains(&format!("# HELP {family} ")),
+            "{family} has no description"
+        );
+        assert!(
+            !line.contains("observed") && !line.contains("+1415"),
+            "{line}"
+        );
+    }
+    app.cleanup().await;
+}
