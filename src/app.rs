@@ -73,7 +73,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let settings = config::run_settings(&args)?;
             let shutdown = tokio_util::sync::CancellationToken::new();
             let worker = crate::worker::start(settings, shutdown.clone()).await?;
-            tokio::spawn(cancel_on_signal(shutdown));
+            tokio::spawn(crate::shutdown::cancel_on_signal(shutdown));
             worker.wait().await?;
             Ok(())
         }
@@ -168,34 +168,4 @@ pub fn sim_settings(
         token_ttl: cfg.token_ttl,
         faults,
     })
-}
-
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-pub async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
-    wait_for_signal().await;
-    tracing::info!("shutdown requested: finishing jobs in flight");
-    shutdown.cancel();
-}
-
-/// Resolves on SIGTERM (containers) or SIGINT (a terminal).
-pub async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

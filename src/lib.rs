@@ -24,6 +24,7 @@ pub mod job;
 pub mod metrics;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod shutdown;
 pub mod sim;
 pub mod telemetry;
 pub mod worker;

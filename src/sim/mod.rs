@@ -250,7 +250,7 @@ pub async fn serve_until_ctrl_c(settings: SimSettings) -> anyhow::Result<()> {
         }
         out.flush()?;
     }
-    let signal = shutdown_signal().await;
+    let signal = crate::shutdown::signal().await;
     handle.shutdown().await;
     signal
 }
@@ -286,22 +286,4 @@ fn banner(settings: &SimSettings, base_url: &str) -> Vec<String> {
         )
     }));
     lines
-}
-
-/// Waits for Ctrl-C (SIGINT) or, on Unix, SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("listening for Ctrl-C")?,
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("listening for Ctrl-C")?;
-    Ok(())
 }
