@@ -441,3 +441,20 @@ pub fn job(id: &str) -> serde_json::Value {
         "attributes": {"crmRecord": id},
     })
 }
+
+/// RFC 3339, as jobs carry times.
+pub fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .expect("formattable")
+}
+
+/// Fails unless the simulator recorded `call` at or after `not_before`.
+pub fn assert_placed_not_before(call: &dialer::sim::PlacedCall, not_before: time::OffsetDateTime) {
+    let placed_at =
+        time::OffsetDateTime::parse(&call.at, &time::format_description::well_known::Rfc3339)
+            .expect("the simulator records RFC 3339 times");
+    assert!(
+        placed_at >= not_before,
+        "placed at {placed_at}, not before {not_before}"
+    );
+}

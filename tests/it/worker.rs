@@ -342,22 +342,11 @@ async fn expired_jobs_are_not_dialled_and_not_before_is_honoured() {
 
     let not_before = time::OffsetDateTime::now_utc() + Duration::from_secs(3);
     let mut later = job("later");
-    later["notBefore"] = json!(
-        not_before
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap()
-    );
+    later["notBefore"] = json!(crate::helpers::rfc3339(not_before));
     app.publish_job(&later).await;
     let events = app.result_events(1, WAIT).await;
     assert_eq!(events[0].outcome, Outcome::Placed);
-    let placed = &app.sim.placed_calls()[0];
-    let placed_at =
-        time::OffsetDateTime::parse(&placed.at, &time::format_description::well_known::Rfc3339)
-            .unwrap();
-    assert!(
-        placed_at >= not_before,
-        "placed at {placed_at}, not before {not_before}"
-    );
+    crate::helpers::assert_placed_not_before(&app.sim.placed_calls()[0], not_before);
     app.cleanup().await;
 }
 
@@ -498,11 +487,7 @@ async fn a_long_not_before_waits_in_a_delay_queue_not_in_the_worker() {
     let app = spawn_app(|_| {}, |_| {}).await;
     let not_before = time::OffsetDateTime::now_utc() + Duration::from_secs(8);
     let mut later = job("much-later");
-    later["notBefore"] = json!(
-        not_before
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap()
-    );
+    later["notBefore"] = json!(crate::helpers::rfc3339(not_before));
     app.publish_job(&later).await;
     // 8 s is past the in-process limit: the job waits in the 5 s tier, then in process.
     let (_, tier) = app.topology.delay_queues[1].clone();
@@ -517,14 +502,7 @@ async fn a_long_not_before_waits_in_a_delay_queue_not_in_the_worker() {
     );
     let events = app.result_events(1, WAIT).await;
     assert_eq!(events[0].outcome, Outcome::Placed);
-    let placed = &app.sim.placed_calls()[0];
-    let placed_at =
-        time::OffsetDateTime::parse(&placed.at, &time::format_description::well_known::Rfc3339)
-            .unwrap();
-    assert!(
-        placed_at >= not_before,
-        "placed at {placed_at}, not before {not_before}"
-    );
+    crate::helpers::assert_placed_not_before(&app.sim.placed_calls()[0], not_before);
     app.cleanup().await;
 }
 
