@@ -283,10 +283,15 @@ impl Supervisor {
                 }
             };
             self.readiness.consuming.store(true, Ordering::Relaxed);
+            // Cancelled by a job that could not finish on the broker (a closed publishing
+            // channel, a deleted queue): consuming on would only cycle jobs through requeues,
+            // so the session ends and the reconnect redeclares everything.
+            let broken = CancellationToken::new();
             let stop = loop {
                 tokio::select! {
                     biased;
                     _ = self.shutdown.cancelled() => break Stop::Shutdown,
+                    _ = broken.cancelled() => break Stop::Broken,
                     Some(failure) = self.systemic.recv() => {
                         if self.last_pause_end.is_some_and(|end| failure.at < end) {
                             continue; // reported by a job that started before the last pause ended
@@ -294,7 +299,7 @@ impl Supervisor {
                         break Stop::Pause(failure);
                     }
                     delivery = consumer.next() => match delivery {
-                        Some(Ok(delivery)) => self.spawn_job(publisher.clone(), delivery),
+                        Some(Ok(delivery)) => self.spawn_job(publisher.clone(), delivery, broken.clone()),
                         Some(Err(source)) => return SessionEnd::Lost(BrokerError::Amqp { context: "receiving deliveries".into(), source }),
                         None => return SessionEnd::Lost(BrokerError::ConsumerCancelled(queue)),
                     },
@@ -314,10 +319,11 @@ impl Supervisor {
                 });
             }
             while let Some(Ok(delivery)) = consumer.next().await {
-                self.spawn_job(publisher.clone(), delivery);
+                self.spawn_job(publisher.clone(), delivery, broken.clone());
             }
             match stop {
                 Stop::Shutdown => return SessionEnd::Shutdown,
+                Stop::Broken => return SessionEnd::Lost(BrokerError::CannotFinishJobs),
                 Stop::Pause(failure) => {
                     if !self.pause(failure).await {
                         return SessionEnd::Shutdown;
@@ -367,7 +373,7 @@ impl Supervisor {
         resumed
     }
 
-    fn spawn_job(&self, publisher: Publisher, delivery: Delivery) {
+    fn spawn_job(&self, publisher: Publisher, delivery: Delivery, broken: CancellationToken) {
         let pipeline = self.pipeline.clone();
         self.tracker.spawn(async move {
             let started = Instant::now();
@@ -400,6 +406,7 @@ impl Supervisor {
                         .acker
                         .nack(BasicNackOptions { multiple: false, requeue: true })
                         .await;
+                    broken.cancel();
                 }
             }
             metrics::gauge!(m::JOBS_IN_FLIGHT).decrement(1.0);
@@ -410,6 +417,7 @@ impl Supervisor {
 enum Stop {
     Shutdown,
     Pause(SystemicFailure),
+    Broken,
 }
 
 /// Metric label of a verdict: the outcome, or what happened instead.

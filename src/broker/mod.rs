@@ -30,6 +30,9 @@ pub enum BrokerError {
     /// The broker ended the consumer (the queue was deleted, or the channel closed).
     #[error("the broker cancelled the consumer of {0} (queue deleted or channel closed)")]
     ConsumerCancelled(String),
+    /// Jobs could not be finished on this connection (publish or ack failed): start over.
+    #[error("jobs could not be finished on this connection; reconnecting")]
+    CannotFinishJobs,
     /// A mandatory publish could not be routed (its queue does not exist).
     #[error("no queue took the message published to {0:?}: is the topology declared?")]
     Unroutable(String),

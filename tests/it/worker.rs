@@ -562,3 +562,55 @@ async fn metrics_and_probes_are_served() {
     }
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_deleted_dead_letter_queue_is_redeclared_and_the_job_still_lands_there() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    app.channel
+        .queue_delete(
+            app.topology.dead_letter_queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    app.publish(
+        b"not a job",
+        BasicProperties::default().with_message_id("lost?".into()),
+    )
+    .await;
+    // The first try cannot dead-letter (no queue takes the message): the job is requeued, the
+    // worker reconnects and redeclares its topology, and the second try lands it.
+    crate::helpers::wait_until(
+        WAIT,
+        "the worker redeclares the dead-letter queue",
+        || async {
+            // A passive declare of a missing queue closes its channel: use a throwaway one.
+            let channel = app.connection.create_channel().await.unwrap();
+            let options = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let name = app.topology.dead_letter_queue.as_str().into();
+            let exists = channel
+                .queue_declare(name, options, Default::default())
+                .await
+                .is_ok();
+            let _ = channel.close(200, "checked".into()).await;
+            exists
+        },
+    )
+    .await;
+    let dead = app.take(&app.topology.dead_letter_queue, 1, WAIT).await;
+    assert_eq!(dead[0].delivery.data, b"not a job");
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Rejected);
+    app.publish_job(&job("after-the-hiccup")).await;
+    let placed = app
+        .result_events(2, WAIT)
+        .await
+        .into_iter()
+        .filter(|e| e.outcome == Outcome::Placed)
+        .count();
+    assert!(placed >= 1, "the worker goes on placing calls");
+    app.cleanup().await;
+}
