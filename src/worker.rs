@@ -180,8 +180,9 @@ impl Supervisor {
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::from_secs(1);
                     }
-                    let wait =
-                        crate::pipeline::full_jitter_backoff(1).max(backoff / 2) + backoff / 2;
+                    // Half fixed, half random: replicas that lost the broker together do not
+                    // all come back in the same instant.
+                    let wait = backoff / 2 + backoff.mul_f64(rand::random::<f64>() / 2.0);
                     tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "broker connection lost; reconnecting");
                     tokio::select! {
                         _ = self.shutdown.cancelled() => break,
