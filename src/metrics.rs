@@ -120,4 +120,14 @@ fn describe() {
         "inin-ratelimit-allowed of the last Genesys answer that had it."
     );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Series exist from the start at zero, so the first `unknown` or the first pause is an
+    // increase Prometheus can see, and dashboards show 0 rather than "no data".
+    for outcome in crate::event::Outcome::ALL {
+        metrics::counter!(JOBS_COMPLETED_TOTAL, "outcome" => outcome.as_str()).absolute(0);
+        metrics::counter!(EVENTS_PUBLISHED_TOTAL, "outcome" => outcome.as_str()).absolute(0);
+    }
+    metrics::counter!(GENESYS_RATE_LIMITED_TOTAL).absolute(0);
+    metrics::gauge!(SYSTEMIC_PAUSE).set(0.0);
+    metrics::gauge!(BROKER_CONNECTED).set(0.0);
+    metrics::gauge!(JOBS_IN_FLIGHT).set(0.0);
 }

