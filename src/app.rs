@@ -127,14 +127,12 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             crate::demo::run(broker, usize::from(args.jobs)).await?;
             Ok(())
         }
-        Command::Bench(_) => not_yet("bench"),
+        Command::Bench(args) => {
+            let settings = crate::bench::settings(&args)?;
+            crate::bench::run(settings).await?;
+            Ok(())
+        }
     }
-}
-
-fn not_yet(command: &str) -> Result<(), Failure> {
-    Err(Failure::Other(anyhow::anyhow!(
-        "`dialer {command}` is not available in this version yet"
-    )))
 }
 
 /// Turns the simulator's parsed flags into its settings (agents and faults are JSON).

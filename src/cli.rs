@@ -37,7 +37,7 @@ pub enum Command {
     /// The simulator, a worker and sample jobs in one process, with a summary.
     Demo(DemoArgs),
     /// Measure throughput, rate precision, overhead and memory against a broker.
-    Bench(BrokerArgs),
+    Bench(BenchArgs),
 }
 
 /// Where the broker is and what the topology is called.
@@ -181,6 +181,50 @@ pub struct DemoArgs {
     /// Valid jobs to publish (a duplicate, two invalid jobs and an expired one are added).
     #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub jobs: u16,
+}
+
+/// Flags of `dialer bench`. The bench uses its own queue names (`<prefix>.bench-<run id>-…`)
+/// and deletes them at the end, so it never touches a deployment's queues.
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// The broker to measure against.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// A smoke run of a few seconds with small numbers (for CI), instead of the full run.
+    #[arg(long, env = "DIALER_BENCH_QUICK")]
+    pub quick: bool,
+    /// Also write the figures as JSON to this file (and the rate chart next to it, as PNG).
+    #[arg(long, env = "DIALER_BENCH_JSON")]
+    pub json: Option<PathBuf>,
+    /// Where to write the rate chart (PNG); default: next to the JSON file, `<name>-rate.png`.
+    #[arg(long, env = "DIALER_BENCH_CHART")]
+    pub chart: Option<PathBuf>,
+    /// Jobs in flight (and prefetch) of the worker and of the bare broker loop.
+    #[arg(long, env = "DIALER_BENCH_CONCURRENCY", default_value = "32")]
+    pub concurrency: String,
+    /// Jobs of the throughput runs (1 and 2); default 20000, 400 with --quick.
+    #[arg(long, env = "DIALER_BENCH_JOBS")]
+    pub jobs: Option<String>,
+    /// Rounds of (1) and (2), run alternately; the medians are reported. Default 3, 1 with --quick.
+    #[arg(long, env = "DIALER_BENCH_ROUNDS")]
+    pub rounds: Option<String>,
+    /// The rate limit R of the precision run (3), requests per second.
+    #[arg(long, env = "DIALER_BENCH_RATE", default_value = "20")]
+    pub rate: String,
+    /// The burst of the precision run (3).
+    #[arg(long, env = "DIALER_BENCH_RATE_BURST", default_value = "1")]
+    pub rate_burst: String,
+    /// How long the precision run (3) keeps a backlog; default 30s, 3s with --quick.
+    #[arg(long, env = "DIALER_BENCH_RATE_DURATION")]
+    pub rate_duration: Option<String>,
+    /// Run only these measurements (comma-separated numbers 1-7 or names: ceiling, throughput,
+    /// rate, overhead, slow, memory, simulator); default all.
+    #[arg(long, env = "DIALER_BENCH_ONLY")]
+    pub only: Option<String>,
+    /// Where the in-process worker's logs go (RUST_LOG filters them, default info); default
+    /// nowhere, so the table stays readable while the worker still pays for its logging.
+    #[arg(long, env = "DIALER_BENCH_WORKER_LOG")]
+    pub worker_log: Option<PathBuf>,
 }
 
 /// Flags of `dialer sim`.
