@@ -168,12 +168,15 @@ impl Supervisor {
         loop {
             let started = Instant::now();
             match self.session().await {
+                // The session drained the jobs in flight before closing its connection.
                 SessionEnd::Shutdown => break,
                 SessionEnd::Lost(error) => {
                     self.set_connected(false);
                     self.readiness.consuming.store(false, Ordering::Relaxed);
                     if self.shutdown.is_cancelled() {
-                        // Lost while draining: the broker requeues what was unacked.
+                        // Lost while draining: the broker requeues what was unacked; jobs
+                        // still running finish (or fail to ack) on their own.
+                        self.drain().await;
                         break;
                     }
                     // A session that ran a while was healthy: start the backoff over.
@@ -185,24 +188,33 @@ impl Supervisor {
                     let wait = backoff / 2 + backoff.mul_f64(rand::random::<f64>() / 2.0);
                     tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "broker connection lost; reconnecting");
                     tokio::select! {
-                        _ = self.shutdown.cancelled() => break,
+                        _ = self.shutdown.cancelled() => {
+                            self.drain().await;
+                            break;
+                        }
                         _ = tokio::time::sleep(wait) => {}
                     }
                     backoff = (backoff * 2).min(RECONNECT_CAP);
                 }
             }
         }
-        self.tracker.close();
-        if tokio::time::timeout(self.settings.shutdown_grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "shutdown grace exceeded; jobs still in flight are left to the broker to redeliver"
-            );
-        }
         tracing::info!("dialer worker stopped");
         Ok(())
+    }
+
+    /// Waits up to the shutdown grace for the jobs in flight; `false` when some are still
+    /// running then (the broker redelivers them once the connection closes).
+    async fn drain(&self) -> bool {
+        self.tracker.close();
+        let drained = tokio::time::timeout(self.settings.shutdown_grace, self.tracker.wait())
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!(
+                "shutdown grace exceeded; the broker requeues the jobs still unfinished"
+            );
+        }
+        drained
     }
 
     fn set_connected(&self, connected: bool) {
@@ -221,15 +233,7 @@ impl Supervisor {
         let end = self.consume(&publisher, &channel).await;
         if matches!(end, SessionEnd::Shutdown) {
             // Drain while the connection is still up: jobs in flight publish and ack on it.
-            self.tracker.close();
-            if tokio::time::timeout(self.settings.shutdown_grace, self.tracker.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    "shutdown grace exceeded; closing the connection, the broker requeues unfinished jobs"
-                );
-            }
+            self.drain().await;
             let _ = connection
                 .close(200, ShortString::from("dialer shutting down"))
                 .await;
