@@ -1029,44 +1029,4 @@ mod tests {
             assert!(losers.iter().all(|s| *s == winner), "{what}");
         }
     }
-
-    /// Not a test: prints roughly how many claim + decide pairs per second the file store does
-    /// here, one after the other (each commit fsyncs). Run with
-    /// `cargo test --lib decisions::tests::throughput -- --ignored --nocapture`.
-    #[tokio::test(flavor = "multi_thread")]
-    #[ignore = "a measurement, not a test"]
-    async fn throughput() {
-        let dir = TempDir::new();
-        let store = Arc::new(DecisionStore::open(&dir.0).unwrap());
-        let event = vec![b'x'; 600];
-        let n = 500;
-        let started = std::time::Instant::now();
-        for i in 0..n {
-            let id = format!("job-{i}");
-            store.try_claim(&id, "w1").await.unwrap();
-            store.decide(&id, &event).await.unwrap();
-        }
-        let sequential = n as f64 / started.elapsed().as_secs_f64();
-
-        let started = std::time::Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for t in 0..32 {
-            let (store, event) = (Arc::clone(&store), event.clone());
-            tasks.spawn(async move {
-                for i in 0..n / 32 {
-                    let id = format!("par-{t}-{i}");
-                    store.try_claim(&id, "w1").await.unwrap();
-                    store.decide(&id, &event).await.unwrap();
-                }
-            });
-        }
-        while let Some(joined) = tasks.join_next().await {
-            joined.unwrap();
-        }
-        let concurrent = (n / 32 * 32) as f64 / started.elapsed().as_secs_f64();
-        println!(
-            "file store in {}: {sequential:.0} claim+decide pairs/s sequential, {concurrent:.0}/s from 32 tasks",
-            dir.0.display()
-        );
-    }
 }
