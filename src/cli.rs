@@ -40,22 +40,24 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
-/// Where the broker is and what the topology is called.
+/// Where the broker is and what the topology is called. Global, so `dialer dlq count --prefix p`
+/// works as well as `dialer dlq --prefix p count`.
 #[derive(Debug, Args, Clone)]
 pub struct BrokerArgs {
     /// AMQP URL of the broker (amqp:// or amqps://).
     #[arg(
         long,
+        global = true,
         env = "DIALER_AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_env_values = true
     )]
     pub amqp_url: String,
     /// Prefix of every queue and exchange name.
-    #[arg(long, env = "DIALER_PREFIX", default_value = "dialer")]
+    #[arg(long, global = true, env = "DIALER_PREFIX", default_value = "dialer")]
     pub prefix: String,
     /// Type of the jobs queue: quorum or classic.
-    #[arg(long, env = "DIALER_QUEUE_TYPE", default_value = "quorum")]
+    #[arg(long, global = true, env = "DIALER_QUEUE_TYPE", default_value = "quorum")]
     pub queue_type: String,
 }
 
