@@ -57,7 +57,12 @@ pub struct BrokerArgs {
     #[arg(long, global = true, env = "DIALER_PREFIX", default_value = "dialer")]
     pub prefix: String,
     /// Type of the jobs queue: quorum or classic.
-    #[arg(long, global = true, env = "DIALER_QUEUE_TYPE", default_value = "quorum")]
+    #[arg(
+        long,
+        global = true,
+        env = "DIALER_QUEUE_TYPE",
+        default_value = "quorum"
+    )]
     pub queue_type: String,
 }
 
