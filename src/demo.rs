@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use serde_json::json;
@@ -259,21 +257,11 @@ async fn collect_events(
 }
 
 async fn cleanup(channel: &Channel, topology: &Topology, events_queue: &str) {
-    let mut queues = vec![
-        topology.jobs_queue.clone(),
-        topology.dead_letter_queue.clone(),
-        events_queue.to_owned(),
-    ];
-    queues.extend(topology.delay_queues.iter().map(|(_, name)| name.clone()));
-    for queue in queues {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for exchange in [&topology.jobs_exchange, &topology.reply_exchange] {
-        let _ = channel
-            .exchange_delete(exchange.as_str().into(), Default::default())
-            .await;
+    if let Err(error) = topology.delete(channel, &[events_queue.to_owned()]).await {
+        eprintln!(
+            "dialer demo: could not delete its queues {}.*: {error}",
+            topology.jobs_queue
+        );
     }
 }
 

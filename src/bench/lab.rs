@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
@@ -260,51 +260,23 @@ impl Lab {
     /// Deletes every queue and exchange of the measurement and closes the connection. Errors
     /// are reported, not returned: cleanup runs after failures too.
     pub(crate) async fn cleanup(self) {
-        let mut queues = vec![
-            self.topology.jobs_queue.clone(),
-            self.topology.dead_letter_queue.clone(),
-            self.events_queue.clone(),
-        ];
-        queues.extend(
-            self.topology
-                .delay_queues
-                .iter()
-                .map(|(_, name)| name.clone()),
-        );
-        queues.extend(self.extra_queues.iter().cloned());
+        let mut extra = vec![self.events_queue.clone()];
+        extra.extend(self.extra_queues.iter().cloned());
         // A fresh channel: the measurement's may have been closed by an error.
-        let channel = match self.connection.create_channel().await {
-            Ok(channel) => channel,
+        match self.connection.create_channel().await {
+            Ok(channel) => {
+                if let Err(error) = self.topology.delete(&channel, &extra).await {
+                    eprintln!(
+                        "dialer bench: cannot clean up {}.*: {error}",
+                        self.broker.prefix
+                    );
+                }
+            }
             Err(error) => {
                 eprintln!(
                     "dialer bench: cannot clean up {}.*: {error}",
                     self.broker.prefix
                 );
-                return;
-            }
-        };
-        for queue in queues {
-            if let Err(error) = channel
-                .queue_delete(
-                    ShortString::from(queue.as_str()),
-                    QueueDeleteOptions::default(),
-                )
-                .await
-            {
-                eprintln!("dialer bench: cannot delete queue {queue}: {error}");
-                return;
-            }
-        }
-        for exchange in [&self.topology.jobs_exchange, &self.topology.reply_exchange] {
-            if let Err(error) = channel
-                .exchange_delete(
-                    ShortString::from(exchange.as_str()),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await
-            {
-                eprintln!("dialer bench: cannot delete exchange {exchange}: {error}");
-                return;
             }
         }
         let _ = self
@@ -334,29 +306,12 @@ pub(crate) async fn delete_run(base: &BrokerSettings, run_id: &str, names: &[&st
     for name in names {
         let prefix = lab_prefix(base, run_id, name);
         let topology = Topology::new(&prefix, base.queue_type);
-        let mut queues = vec![
-            topology.jobs_queue.clone(),
-            topology.dead_letter_queue.clone(),
-            events_queue(&prefix),
-            tap_queue(&prefix),
-        ];
-        queues.extend(topology.delay_queues.iter().map(|(_, name)| name.clone()));
-        // Deleting what does not exist succeeds; nothing here can make things worse.
-        for queue in queues {
-            let _ = channel
-                .queue_delete(
-                    ShortString::from(queue.as_str()),
-                    QueueDeleteOptions::default(),
-                )
-                .await;
-        }
-        for exchange in [&topology.jobs_exchange, &topology.reply_exchange] {
-            let _ = channel
-                .exchange_delete(
-                    ShortString::from(exchange.as_str()),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await;
+        // Nothing here can make things worse; what cannot be deleted is reported.
+        if let Err(error) = topology
+            .delete(&channel, &[events_queue(&prefix), tap_queue(&prefix)])
+            .await
+        {
+            eprintln!("dialer bench: cannot clean up {prefix}.*: {error}");
         }
     }
     let _ = connection

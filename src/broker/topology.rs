@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
@@ -176,6 +179,41 @@ impl Topology {
                 "declaring exchange {}",
                 self.reply_exchange
             )))?;
+        Ok(())
+    }
+}
+
+impl Topology {
+    /// Deletes every queue and exchange of this topology and `extra_queues`: for the demo, the
+    /// benchmark and tests, which build a throwaway topology. Deleting what does not exist
+    /// succeeds, so this also cleans up after a run that stopped half way.
+    pub async fn delete(
+        &self,
+        channel: &Channel,
+        extra_queues: &[String],
+    ) -> Result<(), BrokerError> {
+        let queues = [&self.jobs_queue, &self.dead_letter_queue]
+            .into_iter()
+            .chain(self.delay_queues.iter().map(|(_, name)| name))
+            .chain(extra_queues);
+        for queue in queues {
+            channel
+                .queue_delete(
+                    ShortString::from(queue.as_str()),
+                    QueueDeleteOptions::default(),
+                )
+                .await
+                .map_err(BrokerError::amqp(format!("deleting queue {queue}")))?;
+        }
+        for exchange in [&self.jobs_exchange, &self.reply_exchange] {
+            channel
+                .exchange_delete(
+                    ShortString::from(exchange.as_str()),
+                    ExchangeDeleteOptions::default(),
+                )
+                .await
+                .map_err(BrokerError::amqp(format!("deleting exchange {exchange}")))?;
+        }
         Ok(())
     }
 }

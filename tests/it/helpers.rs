@@ -88,7 +88,7 @@ use dialer::worker::RunningWorker;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -391,23 +391,10 @@ impl TestApp {
     /// Stops the worker and deletes the test's queues.
     pub async fn cleanup(mut self) {
         self.stop_worker().await;
-        let mut queues = vec![
-            self.topology.jobs_queue.clone(),
-            self.topology.dead_letter_queue.clone(),
-            self.events_queue.clone(),
-        ];
-        queues.extend(
-            self.topology
-                .delay_queues
-                .iter()
-                .map(|(_, name)| name.clone()),
-        );
-        for queue in queues {
-            let _ = self
-                .channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
+        self.topology
+            .delete(&self.channel, &[self.events_queue.clone()])
+            .await
+            .expect("the test's queues and exchanges are deleted");
         let _ = self.connection.close(200, "done".into()).await;
         self.sim.shutdown().await;
     }
