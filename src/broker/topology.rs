@@ -120,21 +120,7 @@ impl Topology {
                 self.jobs_queue
             )))?;
 
-        channel
-            .exchange_declare(
-                ShortString::from(self.jobs_exchange.as_str()),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::amqp(format!(
-                "declaring exchange {}",
-                self.jobs_exchange
-            )))?;
+        declare_exchange(channel, &self.jobs_exchange, ExchangeKind::Direct).await?;
         channel
             .queue_bind(
                 ShortString::from(self.jobs_queue.as_str()),
@@ -164,21 +150,7 @@ impl Topology {
                 .map_err(BrokerError::amqp(format!("declaring queue {name}")))?;
         }
 
-        channel
-            .exchange_declare(
-                ShortString::from(self.reply_exchange.as_str()),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::amqp(format!(
-                "declaring exchange {}",
-                self.reply_exchange
-            )))?;
+        declare_exchange(channel, &self.reply_exchange, ExchangeKind::Topic).await?;
         Ok(())
     }
 }
@@ -216,6 +188,27 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// Declares a durable exchange.
+async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+) -> Result<(), BrokerError> {
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            ShortString::from(name),
+            kind,
+            options,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::amqp(format!("declaring exchange {name}")))
 }
 
 fn long_string(value: &str) -> AMQPValue {
