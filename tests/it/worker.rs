@@ -620,3 +620,44 @@ async fn a_deleted_dead_letter_queue_is_redeclared_and_the_job_still_lands_there
     assert!(rejected >= 1);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_event_also_goes_to_reply_to_with_the_jobs_correlation_id() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    let reply_queue = format!("{}.crm-replies", app.settings.broker.prefix);
+    app.channel
+        .queue_declare(
+            reply_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let properties = BasicProperties::default()
+        .with_reply_to(reply_queue.as_str().into())
+        .with_correlation_id("crm-request-77".into());
+    app.publish(
+        &serde_json::to_vec(&job("with-reply-to")).unwrap(),
+        properties,
+    )
+    .await;
+    let (event, properties, _) = app.events(1, WAIT).await.remove(0);
+    assert_eq!(event.outcome, Outcome::Placed);
+    let correlation = |p: &BasicProperties| p.correlation_id().as_ref().map(|c| c.to_string());
+    assert_eq!(correlation(&properties).as_deref(), Some("crm-request-77"));
+    let replied = app.take(&reply_queue, 1, WAIT).await.remove(0);
+    assert_eq!(
+        dialer::event::ResultEvent::from_json(&replied.delivery.data).unwrap(),
+        event,
+        "the same event on the reply_to queue"
+    );
+    assert_eq!(
+        correlation(&replied.delivery.properties).as_deref(),
+        Some("crm-request-77")
+    );
+    app.channel
+        .queue_delete(reply_queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    app.cleanup().await;
+}
