@@ -661,3 +661,32 @@ async fn the_event_also_goes_to_reply_to_with_the_jobs_correlation_id() {
         .unwrap();
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn jobs_published_to_the_jobs_exchange_are_consumed_too() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    let confirm = app
+        .channel
+        .basic_publish(
+            app.topology.jobs_exchange.as_str().into(),
+            dialer::broker::JOBS_ROUTING_KEY.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &serde_json::to_vec(&job("via-exchange")).unwrap(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        confirm.is_ack() && confirm.take_message().is_none(),
+        "routed to the jobs queue"
+    );
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].job_id.as_deref(), Some("via-exchange"));
+    assert_eq!(events[0].outcome, Outcome::Placed);
+    app.cleanup().await;
+}
