@@ -130,10 +130,12 @@ install_tools() {
   KUBECTL=$VENV/bin/kubectl
   local kubectl_version
   echo "step: $KUBECTL version --client"
-  kubectl_version=$("$KUBECTL" version --client | head -n 1 | awk '{print $3}') || return 1
+  # Whole outputs are read (awk, not head): under pipefail a writer cut off by an early
+  # `head` dies of SIGPIPE now and then, which failed this step at random.
+  kubectl_version=$("$KUBECTL" version --client | awk 'NR == 1 {print $3}') || return 1
   [ -n "$kubectl_version" ] || { echo "no version from $KUBECTL"; return 1; }
 
-  echo "promtool $("$PROMTOOL" --version | head -n 1 | awk '{print $3}'), node $(node --version)," \
+  echo "promtool $("$PROMTOOL" --version | awk 'NR == 1 {print $3}'), node $(node --version)," \
     "kubectl $kubectl_version, $PY_REQUIREMENTS"
 }
 
@@ -239,7 +241,7 @@ live_scrape() {
   PIDS+=($!)
   wait_for 20 grep -q 'listening on http://' "$WORK/sim.log" || { echo "the simulator did not start"; cat "$WORK/sim.log"; return 1; }
   local sim
-  sim=$(grep -o 'listening on http://[0-9.:]*' "$WORK/sim.log" | head -n 1 | sed 's/listening on //')
+  sim=$(grep -o 'listening on http://[0-9.:]*' "$WORK/sim.log" | awk 'NR == 1' | sed 's/listening on //')
 
   env -i PATH="$PATH" DIALER_AMQP_URL="$amqp" DIALER_METRICS_ADDR=127.0.0.1:0 \
     DIALER_STATE_DIR="$WORK/state" DIALER_LOG_FORMAT=json DIALER_RATE_LIMIT=50/s \
@@ -249,8 +251,8 @@ live_scrape() {
   PIDS+=($!)
   wait_for 20 grep -q '"metrics":"' "$WORK/worker.log" || { echo "the worker did not start"; cat "$WORK/worker.log"; return 1; }
   local metrics
-  metrics=$(grep -o '"metrics":"[0-9.:]*"' "$WORK/worker.log" | head -n 1 | cut -d'"' -f4)
-  ready() { http_get "$metrics" /readyz 2>/dev/null | head -n 1 | grep -q ' 200 '; }
+  metrics=$(grep -o '"metrics":"[0-9.:]*"' "$WORK/worker.log" | awk 'NR == 1' | cut -d'"' -f4)
+  ready() { http_get "$metrics" /readyz 2>/dev/null | awk 'NR == 1 && / 200 / {ok = 1} END {exit !ok}'; }
   wait_for 30 ready || { echo "/readyz never answered 200"; cat "$WORK/worker.log"; return 1; }
 
   # The image's HEALTHCHECK, as Docker would run it (exec form), against this worker and against
