@@ -4,7 +4,7 @@
 //! dead letter, so a crash mid-replay loses nothing (at worst one job is replayed twice).
 
 use anyhow::Context as _;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{FieldTable, ShortString};
 
 use crate::broker::{self, Publisher, Topology, header_str, header_u32, text};
@@ -32,20 +32,11 @@ pub async fn run(broker: BrokerSettings, action: Action) -> anyhow::Result<()> {
         .await
         .context("opening a channel")?;
     let queue = topology.dead_letter_queue.as_str();
-    let count = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let count = broker::queue_depth(&channel, queue)
         .await
         .with_context(|| {
             format!("{queue} does not exist: run `dialer topology` or a worker first")
-        })?
-        .message_count();
+        })?;
     match action {
         Action::Count => println!("{count} jobs in {queue}"),
         Action::Show(limit) => {

@@ -7,7 +7,7 @@
 mod topology;
 
 use lapin::Confirmation;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -148,6 +148,20 @@ impl Publisher {
             Confirmation::NotRequested => Ok(()),
         }
     }
+}
+
+/// Messages ready in `queue` (a passive declare). A missing queue is an error, and the broker
+/// closes the channel it was asked on: callers use a channel they can lose.
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, BrokerError> {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(ShortString::from(queue), options, FieldTable::default())
+        .await
+        .map_err(BrokerError::amqp(format!("looking up queue {queue}")))?;
+    Ok(declared.message_count())
 }
 
 /// Reads an integer header (any AMQP integer type), for counters such as `x-dialer-attempts`.

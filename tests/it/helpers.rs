@@ -374,18 +374,9 @@ impl TestApp {
 
     /// Messages ready in `queue`.
     pub async fn depth(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        dialer::broker::queue_depth(&self.channel, queue)
             .await
             .expect("passive declare")
-            .message_count()
     }
 
     /// Stops the worker and deletes the test's queues.

@@ -586,13 +586,7 @@ async fn a_deleted_dead_letter_queue_is_redeclared_and_the_job_still_lands_there
         || async {
             // A passive declare of a missing queue closes its channel: use a throwaway one.
             let channel = app.connection.create_channel().await.unwrap();
-            let options = lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            let name = app.topology.dead_letter_queue.as_str().into();
-            let exists = channel
-                .queue_declare(name, options, Default::default())
+            let exists = dialer::broker::queue_depth(&channel, &app.topology.dead_letter_queue)
                 .await
                 .is_ok();
             let _ = channel.close(200, "checked".into()).await;
