@@ -8,8 +8,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt as _;
-use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use dialer::config::{DecisionStoreKind, Rate};
@@ -19,7 +17,8 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions};
 use lapin::types::FieldTable;
 
-use crate::helpers::{TestApp, job, run_settings, sim_settings, spawn_app, spawn_sim, wait_until};
+use crate::children::ChildWorker;
+use crate::helpers::{TestApp, job, run_settings, spawn_app, spawn_sim, wait_until};
 
 /// Bound on any single wait for the worker to make progress.
 const WAIT: Duration = Duration::from_secs(30);
@@ -308,104 +307,6 @@ async fn a_force_closed_broker_connection_is_rebuilt_and_nobody_is_rung_twice() 
     assert_eq!(app.depth(&app.topology.jobs_queue).await, 0);
     assert_eq!(app.depth(&app.topology.dead_letter_queue).await, 0);
     app.cleanup().await;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The child process.
-
-/// `dialer run` as a child process; killed (SIGKILL) if the test ends without waiting for it.
-struct ChildWorker {
-    child: tokio::process::Child,
-    pid: u32,
-    log: PathBuf,
-}
-
-impl ChildWorker {
-    /// Starts `dialer run` configured by environment variables from `app`'s settings, with
-    /// its own worker name, logging to a file in the state directory (or to the test's
-    /// stderr when `TEST_LOG` is set).
-    fn spawn(app: &TestApp, label: &str) -> Self {
-        let settings = &app.settings;
-        let sim = sim_settings();
-        std::fs::create_dir_all(&settings.state_dir).expect("state dir");
-        let log = settings.state_dir.join(format!("{label}.log"));
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dialer"));
-        command.arg("run");
-        // Only what the test sets: nothing from the environment the tests run in.
-        for (name, _) in std::env::vars() {
-            if name.starts_with("DIALER_") || name.starts_with("GENESYS_") || name == "RUST_LOG" {
-                command.env_remove(name);
-            }
-        }
-        command
-            .env("DIALER_AMQP_URL", &settings.broker.amqp_url)
-            .env("DIALER_PREFIX", &settings.broker.prefix)
-            .env("GENESYS_CLIENT_ID", &sim.client_id)
-            .env("GENESYS_CLIENT_SECRET", &sim.client_secret)
-            .env("GENESYS_API_BASE_URL", app.sim.base_url())
-            .env("GENESYS_LOGIN_BASE_URL", app.sim.base_url())
-            .env("DIALER_METRICS_ADDR", "127.0.0.1:0")
-            .env("DIALER_DECISIONS", "file")
-            .env("DIALER_STATE_DIR", &settings.state_dir)
-            .env("DIALER_CONCURRENCY", settings.concurrency.get().to_string())
-            .env("DIALER_RATE_LIMIT", "1000/s")
-            .env("DIALER_RATE_BURST", "50")
-            .env("DIALER_SHUTDOWN_GRACE", "5s")
-            .env(
-                "DIALER_WORKER_NAME",
-                format!("{}-{label}", settings.worker_name),
-            )
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        if std::env::var_os("TEST_LOG").is_none() {
-            let file = std::fs::File::create(&log).expect("child log");
-            command
-                .stdout(file.try_clone().expect("child log"))
-                .stderr(file);
-        }
-        let child = command.spawn().expect("`dialer run` starts");
-        let pid = child.id().expect("a running child has a pid");
-        Self { child, pid, log }
-    }
-
-    /// Sends a signal (`TERM`, `KILL`) with `kill`, as an orchestrator would.
-    async fn signal(&self, name: &str) {
-        let status = tokio::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid.to_string())
-            .status()
-            .await
-            .expect("kill runs");
-        assert!(status.success(), "kill -{name} {} failed", self.pid);
-    }
-
-    /// Waits for the child to exit, failing after `timeout`.
-    async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(status) => status.expect("waiting for the child"),
-            Err(_) => panic!(
-                "`dialer run` did not exit within {timeout:?}\n{}",
-                self.log_tail()
-            ),
-        }
-    }
-
-    /// The end of the child's log, for failure messages.
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-        format!("--- last lines of {} ---\n{tail}", self.log.display())
-    }
-}
-
-impl Drop for ChildWorker {
-    fn drop(&mut self) {
-        // A failing test must not leave a worker consuming behind it. After a successful
-        // `wait` this does nothing.
-        let _ = self.child.start_kill();
-    }
 }
 
 /// A test app (topology, events queue) for a child worker: the simulator with `latency_ms`,
