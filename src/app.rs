@@ -127,11 +127,16 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             crate::demo::run(broker, usize::from(args.jobs)).await?;
             Ok(())
         }
+        #[cfg(feature = "bench")]
         Command::Bench(args) => {
             let settings = crate::bench::settings(&args)?;
             crate::bench::run(settings).await?;
             Ok(())
         }
+        #[cfg(not(feature = "bench"))]
+        Command::Bench(_) => Err(Failure::Other(anyhow::anyhow!(
+            "this build leaves the benchmark out (built with --no-default-features); rebuild with `--features bench`"
+        ))),
     }
 }
 

@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod app;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod broker;
 pub mod check;
