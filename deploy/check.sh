@@ -158,7 +158,7 @@ check prometheus-config "promtool check config prometheus/prometheus.yml (compos
 
 # Every dashboard query, with its variables filled in, as a recording rule: promtool parses it.
 dashboard_promql() {
-  "$VENV/bin/python" - "$DEPLOY/grafana/dialer.json" "$WORK/dashboard-rules.yml" >"$WORK/dashboard-promql.detail" <<'EOF' || return 1
+  "$VENV/bin/python" - "$ROOT/dashboards/dialer.json" "$WORK/dashboard-rules.yml" >"$WORK/dashboard-promql.detail" <<'EOF' || return 1
 import json, sys, yaml
 dash = json.load(open(sys.argv[1]))
 values = {"$__rate_interval": "5m", "${datasource}": "prometheus", "$datasource": "prometheus",
@@ -177,26 +177,32 @@ print(f"{len(rules)} queries")
 EOF
   "$PROMTOOL" check rules "$WORK/dashboard-rules.yml"
 }
-check dashboard-promql "every query of grafana/dialer.json parses (promtool)" dashboard_promql
+check dashboard-promql "every query of dashboards/dialer.json parses (promtool)" dashboard_promql
 
 # ------------------------------------------------------------------------------ Grafana
-check dashboard-types "grafana/dialer.json satisfies @grafana/schema (tsc --strict)" \
-  node "$DEPLOY/grafana/check/check.mjs"
+check dashboard-types "dashboards/*.json satisfy @grafana/schema (tsc --strict)" \
+  node "$DEPLOY/grafana/check/check.mjs" "$ROOT"/dashboards/*.json
 
 # ------------------------------------------------------------------------------ images, compose, Kubernetes
-check dockerfile "hadolint Dockerfile (not built: no container engine here)" \
-  "$VENV/bin/hadolint" Dockerfile
+check dockerfile "hadolint Dockerfile (built and run by deploy/image-smoke.sh)" \
+  "$VENV/bin/hadolint" "$ROOT/Dockerfile"
 check compose "compose.yaml against the Compose Specification schema" \
   "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec compose.yaml
+check monitoring-generated "PrometheusRule and dashboards ConfigMap agree with alerts.yml, dashboards/" \
+  "$VENV/bin/python" monitoring.py --check
 kubernetes() {
   "$KUBECTL" kustomize kubernetes >"$WORK/kubernetes.yaml" || return 1
-  # Custom resources (ServiceMonitor, KEDA) have no schema here: warned about, not validated.
+  "$KUBECTL" kustomize kubernetes-fleet >"$WORK/kubernetes-fleet.yaml" || return 1
+  # Custom resources (ServiceMonitor, PrometheusRule, KEDA) have no schema here: warned about,
+  # not validated.
   "$VENV/bin/kubernetes-validate" --strict -k "$K8S_VERSION" \
-    "$WORK/kubernetes.yaml" kubernetes/secret.example.yaml kubernetes/keda-scaledobject.yaml
+    "$WORK/kubernetes.yaml" "$WORK/kubernetes-fleet.yaml" kubernetes/secret.example.yaml \
+    kubernetes/keda-scaledobject.yaml kubernetes-fleet/keda-scaledobject.yaml \
+    kubernetes/monitoring/rabbitmq-servicemonitor.example.yaml
 }
-check kubernetes "kubectl kustomize + kubernetes-validate --strict (k8s $K8S_VERSION)" kubernetes
+check kubernetes "kubectl kustomize (file store, fleet) + kubernetes-validate --strict (k8s $K8S_VERSION)" kubernetes
 consistency() {
-  "$VENV/bin/python" consistency.py "$WORK/kubernetes.yaml" >"$WORK/consistency.detail"
+  "$VENV/bin/python" consistency.py "$WORK/kubernetes.yaml" "$WORK/kubernetes-fleet.yaml" >"$WORK/consistency.detail"
 }
 check consistency "src/metrics.rs, alerts, README, compose, manifests agree" consistency
 
@@ -261,7 +267,7 @@ live_scrape() {
   healthcheck=$("$VENV/bin/python" -c '
 import json, re, sys
 text = open(sys.argv[1]).read().replace("\\\n", " ")
-print("\n".join(json.loads(re.search(r"HEALTHCHECK[^\n]*?CMD (\[.*\])", text).group(1))))' "$DEPLOY/Dockerfile")
+print("\n".join(json.loads(re.search(r"HEALTHCHECK[^\n]*?CMD (\[.*\])", text).group(1))))' "$ROOT/Dockerfile")
   [ -n "$healthcheck" ] || { echo "no HEALTHCHECK CMD in the Dockerfile"; return 1; }
   mapfile -t hc <<<"$healthcheck"
   env -i PATH="$PATH" DIALER_METRICS_ADDR="$metrics" "${hc[@]}" || { echo "the Dockerfile's HEALTHCHECK fails on a healthy worker"; return 1; }
@@ -283,6 +289,12 @@ print("\n".join(json.loads(re.search(r"HEALTHCHECK[^\n]*?CMD (\[.*\])", text).gr
   wait_for 30 completed || { echo "the three jobs did not complete"; cat "$WORK/worker.log"; return 1; }
   tr -d '\r' <"$WORK/scrape.txt" | sed '1,/^$/d' >"$WORK/metrics.txt" # drop the HTTP head
   "$PROMTOOL" check metrics <"$WORK/metrics.txt" || return 1
+  # Every series carries the constant label prefix (DIALER_PREFIX, here the default): the
+  # alerts group by it.
+  if grep -v '^#' "$WORK/metrics.txt" | grep -v '^$' | grep -v 'prefix="dialer"'; then
+    echo "the series above have no prefix label"
+    return 1
+  fi
   echo "$(grep -c '^# TYPE' "$WORK/metrics.txt") metric families from ${BIN#"$ROOT"/}" >"$WORK/live-scrape.detail"
 }
 
