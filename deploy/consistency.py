@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from agreed_metrics import AGREED
+
 DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 problems = []
@@ -61,14 +63,6 @@ def used_metrics(text):
     return names
 
 
-# Metrics agreed for the fleet (README, "Scaling out"), added to src/metrics.rs by the branches
-# that build the shared rate limit and the PostgreSQL store: accepted here until they land.
-AGREED = {
-    "dialer_rate_limit_configured", "dialer_rate_limit_effective", "dialer_rate_mode",
-    "dialer_rate_mode_switches_total", "dialer_fleet_consumers", "dialer_decision_store_up",
-    "dialer_decision_store_errors_total", "dialer_decision_claim_waits_total",
-    "dialer_circuit_open", "dialer_circuit_opened_total",
-}
 pending = sorted((used_metrics(alerts_text) | used_metrics(dashboard_text)) & AGREED - declared)
 if pending:
     notes.append("agreed, not yet in src/metrics.rs: " + ", ".join(pending))

@@ -65,7 +65,7 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${missing[*]} (apt)"
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends podman buildah runc debootstrap uidmap >/dev/null
+  apt-get install -y -qq podman buildah runc debootstrap >/dev/null
 fi
 echo "$(podman --version), $(buildah --version | awk '{print $1, $2, $3}'), $(runc --version | awk 'NR == 1')"
 
@@ -89,7 +89,11 @@ echo "CONTAINERS_CONF=$CONTAINERS_CONF (runc, nofile=$nofile, nproc=$nproc)"
 
 # ------------------------------------------------------------------------------ base image
 step "base image $BASE_IMAGE"
-if podman image exists "$BASE_IMAGE"; then
+# Made like the registry's debian:bookworm-slim: apt keeps no package caches, dpkg installs no
+# documentation, man pages or translations (so the image's apt-get layer stays small). The
+# label says which revision of this recipe made it; an image of another revision is remade.
+BASE_REVISION=2
+if [ "$(podman image inspect --format '{{index .Config.Labels "dialer.base-revision"}}' "$BASE_IMAGE" 2>/dev/null)" = "$BASE_REVISION" ]; then
   echo "already there"
 else
   # The mirror apt already uses (deb822 sources first, then sources.list).
@@ -101,11 +105,24 @@ else
   echo "debootstrap --variant=minbase bookworm $rootfs $mirror"
   debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$WORKDIR/debootstrap.log" 2>&1 ||
     { tail -n 30 "$WORKDIR/debootstrap.log"; fail "debootstrap"; }
-  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-  tar -C "$rootfs" -c . | podman import --change 'CMD ["bash"]' - "$BASE_IMAGE" >/dev/null
+  [ -d "$rootfs/etc/apt" ] && [ -d "$rootfs/etc/dpkg" ] || fail "debootstrap left no tree in $rootfs"
+  printf '%s\n' \
+    'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };' \
+    'APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };' \
+    'Dir::Cache::pkgcache "";' 'Dir::Cache::srcpkgcache "";' >"$rootfs/etc/apt/apt.conf.d/docker-clean"
+  printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
+    'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' 'path-exclude /usr/share/locale/*' \
+    >"$rootfs/etc/dpkg/dpkg.cfg.d/docker-slim"
+  # Inside the new tree only (the guard above makes sure $rootfs is one).
+  find "$rootfs/usr/share/doc" -mindepth 2 ! -name copyright -type f -delete
+  rm -rf "${rootfs:?}"/usr/share/man/* "${rootfs:?}"/usr/share/info/* "${rootfs:?}"/usr/share/locale/* \
+    "${rootfs:?}"/var/cache/apt/archives/*.deb "${rootfs:?}"/var/cache/apt/*.bin "${rootfs:?}"/var/lib/apt/lists/*
+  podman rmi -f "$BASE_IMAGE" >/dev/null 2>&1 || true
+  tar -C "$rootfs" -c . | podman import --change 'CMD ["bash"]' \
+    --change "LABEL dialer.base-revision=$BASE_REVISION" - "$BASE_IMAGE" >/dev/null
   rm -rf "$rootfs"
 fi
-podman image inspect --format '{{.Id}}' "$BASE_IMAGE" | cut -c1-12
+echo "$(podman image inspect --format '{{.Id}}' "$BASE_IMAGE" | cut -c1-12), $(($(podman image inspect --format '{{.Size}}' "$BASE_IMAGE") / 1024 / 1024)) MiB"
 
 # ------------------------------------------------------------------------------ the image
 BIN=${DIALER_BIN:-$ROOT/target/release/dialer}
