@@ -15,7 +15,9 @@
 ARG RUST_IMAGE=rust:1-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 # `builder` compiles from source; `prebuilt` takes a binary from the build context
-# (BINARY_STAGE=prebuilt BINARY=path/to/dialer): what CI does with the binary it built.
+# (BINARY_STAGE=prebuilt BINARY=path/in/context): what CI does with the binary it built. The
+# repository's .dockerignore leaves target/ out, so image-smoke.sh builds from a context of
+# its own that holds just the binary.
 ARG BINARY_STAGE=builder
 
 FROM ${RUST_IMAGE} AS builder
@@ -38,8 +40,8 @@ RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked \
  && install -m 0755 target/release/dialer /usr/local/bin/dialer
 
-# A binary compiled outside (CI's release build, glibc of bookworm or older). Unused, and so
-# not built, unless BINARY_STAGE=prebuilt.
+# A binary compiled outside (CI's release build, against the glibc of bookworm or older).
+# Unused, and so not built, unless BINARY_STAGE=prebuilt.
 FROM ${RUNTIME_IMAGE} AS prebuilt
 ARG BINARY=target/release/dialer
 COPY ${BINARY} /usr/local/bin/dialer
