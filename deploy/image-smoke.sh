@@ -5,7 +5,8 @@
 #
 # What it proves: the image builds; it runs as a non-root user; its HEALTHCHECK passes; `dialer
 # run` inside it becomes ready against the local RabbitMQ (a throw-away vhost) and the simulator
-# (`dialer sim` on the host), and places a call; SIGTERM makes it exit 0 within the grace period.
+# (`dialer sim` on the host), and places a call; SIGTERM with a call in flight makes it finish
+# that call and exit 0 within the grace period.
 # It prints the image's size and user, and how long each step took.
 #
 # Every step is idempotent and logged ("step: ..."), so it works on a fresh machine of this kind
@@ -209,7 +210,23 @@ calls=$(http_get "${SIM#http://}" /sim/calls)
 echo "$calls" | grep -q 'image-smoke-1' || fail "the simulator saw no call for image-smoke-1: $calls"
 echo "placed: the simulator saw the call of image-smoke-1"
 
-step "SIGTERM (podman stop), grace ${GRACE_SECONDS}s"
+step "SIGTERM (podman stop) with a call in flight, grace ${GRACE_SECONDS}s"
+# The simulator answers after 3 s from now on: the job below is mid-call when SIGTERM comes,
+# and the worker must finish it (not drop it) and still exit 0 within the grace period.
+http_put() ( # http_put HOST:PORT PATH BODY -> the response
+  exec 3<>"/dev/tcp/${1%:*}/${1##*:}" || exit 1
+  printf 'PUT %s HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' "$2" "${#3}" "$3" >&3
+  cat <&3
+)
+http_put "${SIM#http://}" /sim/faults '{"latencyMs": 3000}' | awk 'NR == 1' | grep -q ' 200 ' || fail "the simulator refused the latency fault"
+echo '{"jobId":"image-smoke-2","agentEmail":"agent1@example.com","phoneNumber":"+14155552672"}' |
+  env -i PATH="$PATH" DIALER_AMQP_URL="$AMQP" "$RUN/dialer-host" enqueue --no-validate >>"$RUN/enqueue.log" 2>&1 ||
+  { cat "$RUN/enqueue.log"; fail "dialer enqueue"; }
+in_flight() {
+  http_get "127.0.0.1:$PORT" /metrics 2>/dev/null | grep -E '^dialer_jobs_in_flight(\{[^}]*\})? [1-9]' >/dev/null
+}
+wait_for 20 in_flight || { podman logs "$CONTAINER" | tail -n 30; fail "the second job never got in flight"; }
+echo "a job is in flight"
 before=$(date +%s%N)
 podman stop -t $((GRACE_SECONDS + 15)) "$CONTAINER" >/dev/null 2>>"$RUN/run.err"
 took_ms=$((($(date +%s%N) - before) / 1000000))
@@ -218,6 +235,8 @@ echo "exit code $code after ${took_ms} ms"
 podman logs "$CONTAINER" 2>&1 | tail -n 3
 [ "$code" = 0 ] || fail "the worker exited $code on SIGTERM"
 [ "$took_ms" -lt $((GRACE_SECONDS * 1000)) ] || fail "the worker took ${took_ms} ms to stop, above the grace of ${GRACE_SECONDS}s"
+http_get "${SIM#http://}" /sim/calls | grep -q 'image-smoke-2' || fail "the call in flight at SIGTERM was not completed"
+echo "the call in flight at SIGTERM was completed before the exit"
 
 step "done"
 echo "image smoke: ok, image $IMAGE $((size / 1024 / 1024)) MiB, user $user, in $(($(date +%s) - STARTED))s"
