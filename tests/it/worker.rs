@@ -521,12 +521,18 @@ async fn metrics_and_probes_are_served() {
     assert_eq!(get("/readyz").await, (200, "ready\n".to_owned()));
     // The outcome counter is bumped after the ack, which may follow the event by a moment.
     crate::helpers::wait_until(WAIT, "both jobs are counted", || async {
-        let body = get("/metrics").await.1;
+        let body = without_prefix_label(&get("/metrics").await.1);
         body.contains(r#"dialer_jobs_completed_total{outcome="rejected"}"#)
             && body.contains(r#"dialer_jobs_completed_total{outcome="placed"}"#)
     })
     .await;
-    let body = get("/metrics").await.1;
+    let raw = get("/metrics").await.1;
+    // Every series carries the constant `prefix` label (the prefix of the first worker this test
+    // process started: the recorder is global), so alerts can tell deployments apart.
+    for line in raw.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        assert!(line.contains("{prefix=\""), "no prefix label: {line}");
+    }
+    let body = without_prefix_label(&raw);
     for name in [
         "dialer_jobs_received_total",
         "dialer_jobs_in_flight",
@@ -561,6 +567,26 @@ async fn metrics_and_probes_are_served() {
         );
     }
     app.cleanup().await;
+}
+
+/// The exposition without the constant `prefix` label, so samples compare by their own labels.
+fn without_prefix_label(body: &str) -> String {
+    body.lines()
+        .map(|line| match line.find("prefix=\"") {
+            Some(start) => {
+                let value_end = start + "prefix=\"".len();
+                let end = value_end + line[value_end..].find('"').map_or(0, |i| i + 1);
+                match (&line[..start], &line[end..]) {
+                    (head, tail) if head.ends_with('{') && tail.starts_with('}') => {
+                        format!("{}{}", &head[..head.len() - 1], &tail[1..])
+                    }
+                    (head, tail) => format!("{head}{}", tail.trim_start_matches(',')),
+                }
+            }
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[tokio::test]

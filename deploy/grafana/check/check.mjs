@@ -1,6 +1,7 @@
 // Type-checks Grafana dashboards against @grafana/schema, the types Grafana itself is built on
 // (no JSON Schema exists for dashboards). Usage: node check.mjs [dashboard.json ...]
-// (default: every ../*.json). Needs `npm ci` in this folder first; deploy/check.sh does both.
+// (default: every dashboards/*.json at the repository's top level). Needs `npm ci` in this
+// folder first; deploy/check.sh does both.
 //
 // For each dashboard it writes .generated/<name>.ts with
 //   - the whole dashboard:            `satisfies Json<Dashboard>`
@@ -23,9 +24,9 @@ import { fileURLToPath } from 'node:url';
 const here = dirname(fileURLToPath(import.meta.url));
 const files = process.argv.slice(2).length
   ? process.argv.slice(2).map((f) => resolve(f))
-  : readdirSync(join(here, '..'))
+  : readdirSync(join(here, '..', '..', '..', 'dashboards'))
       .filter((f) => f.endsWith('.json'))
-      .map((f) => join(here, '..', f));
+      .map((f) => join(here, '..', '..', '..', 'dashboards', f));
 
 const PANEL_TYPES = {
   timeseries: { options: 'TimeSeriesOptions', custom: 'TimeSeriesFieldConfig' },

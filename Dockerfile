@@ -4,16 +4,21 @@
 # `dialer dlq ...` and the other commands (ENTRYPOINT is the binary).
 #
 # Build from the repository root (the context must hold Cargo.toml, Cargo.lock and src/):
-#   docker build -f deploy/Dockerfile -t dialer:0.1.0 .
-# Dockerfile.dockerignore next to this file keeps target/ and .git out of the context
-# (BuildKit reads <Dockerfile>.dockerignore).
+#   docker build -t dialer:0.1.0 .
+# .dockerignore keeps target/ and .git out of the context.
 #
-# Not built in this repository's checks: the machines it is developed on have no container
-# engine. deploy/check.sh lints this file with hadolint and nothing more; the first real
-# `docker build` is yours.
+# CI (.ci/run → deploy/image-smoke.sh) builds it with podman and smoke-tests the image: it
+# passes the binary CI already compiled (`--build-arg BINARY=...`, the `prebuilt` stage) instead
+# of compiling Rust a second time, and a base image made with debootstrap (`RUNTIME_IMAGE`).
+# A plain `docker build .` compiles in the `builder` stage below.
 
 ARG RUST_IMAGE=rust:1-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
+# `builder` compiles from source; `prebuilt` takes a binary from the build context
+# (BINARY_STAGE=prebuilt BINARY=path/in/context): what CI does with the binary it built. The
+# repository's .dockerignore leaves target/ out, so image-smoke.sh builds from a context of
+# its own that holds just the binary.
+ARG BINARY_STAGE=builder
 
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /build
@@ -35,6 +40,14 @@ RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked \
  && install -m 0755 target/release/dialer /usr/local/bin/dialer
 
+# A binary compiled outside (CI's release build, against the glibc of bookworm or older).
+# Unused, and so not built, unless BINARY_STAGE=prebuilt.
+FROM ${RUNTIME_IMAGE} AS prebuilt
+ARG BINARY=target/release/dialer
+COPY ${BINARY} /usr/local/bin/dialer
+
+FROM ${BINARY_STAGE} AS binary
+
 FROM ${RUNTIME_IMAGE}
 
 # ca-certificates: the worker talks https to Genesys Cloud (and amqps to a broker, if used).
@@ -50,7 +63,7 @@ RUN groupadd --system --gid 10001 dialer \
  && useradd --system --uid 10001 --gid dialer --home-dir /var/lib/dialer --shell /usr/sbin/nologin dialer \
  && install -d -o dialer -g dialer -m 0750 /var/lib/dialer
 
-COPY --from=builder /usr/local/bin/dialer /usr/local/bin/dialer
+COPY --from=binary /usr/local/bin/dialer /usr/local/bin/dialer
 
 # The decision store (SQLite) lives here: keep it on a volume, one worker per volume.
 ENV DIALER_STATE_DIR=/var/lib/dialer \
