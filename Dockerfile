@@ -31,13 +31,13 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && cargo build --release --locked \
+ && cargo build --release --locked --no-default-features \
  && rm -rf src
 
 # The real sources. touch: the stubs' build is newer than the copied files' mtimes.
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked \
+ && cargo build --release --locked --no-default-features \
  && install -m 0755 target/release/dialer /usr/local/bin/dialer
 
 # A binary compiled outside (CI's release build, against the glibc of bookworm or older).
