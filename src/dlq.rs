@@ -5,11 +5,10 @@
 
 use anyhow::Context as _;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::{FieldTable, ShortString};
 
-use crate::broker::{self, Publisher, Topology, header_str, header_u32, text};
+use crate::broker::headers::{self, DeadLetter};
+use crate::broker::{self, JOBS_ROUTING_KEY, Publisher, Topology};
 use crate::config::BrokerSettings;
-use crate::pipeline::REPLAY_HEADER;
 
 /// What to do with the dead-letter queue.
 #[derive(Clone, Copy, Debug)]
@@ -47,16 +46,15 @@ pub async fn run(broker: BrokerSettings, action: Action) -> anyhow::Result<()> {
                 else {
                     break;
                 };
-                let props = &message.delivery.properties;
-                let field = |name: &str| header_str(props, name).unwrap_or_else(|| "-".to_owned());
+                let dead = DeadLetter::read(&message.delivery.properties);
                 println!(
                     "job {}  outcome {}  attempts {}  at {}\n  {}: {}\n  body: {}",
-                    field("x-dialer-job-id"),
-                    field("x-dialer-outcome"),
-                    header_u32(props, "x-dialer-attempts").unwrap_or(0),
-                    field("x-dialer-dead-lettered-at"),
-                    field("x-dialer-error-kind"),
-                    field("x-dialer-error"),
+                    dead.job_id.as_deref().unwrap_or("-"),
+                    dead.outcome,
+                    dead.attempts,
+                    dead.at,
+                    dead.error_kind,
+                    dead.error,
                     String::from_utf8_lossy(&message.delivery.data)
                         .chars()
                         .take(300)
@@ -77,25 +75,25 @@ pub async fn run(broker: BrokerSettings, action: Action) -> anyhow::Result<()> {
                     break;
                 };
                 let delivery = &message.delivery;
-                // The worker's own headers go: a replayed job starts counting afresh, and the
-                // replay header tells the worker a person asked for another try.
-                let mut headers = FieldTable::default();
-                if let Some(original) = delivery.properties.headers() {
-                    for (name, value) in original.inner() {
-                        if !name.as_str().starts_with("x-dialer-") {
-                            headers.insert(name.clone(), value.clone());
-                        }
-                    }
-                }
-                let now = time::OffsetDateTime::now_utc()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default();
-                headers.insert(ShortString::from(REPLAY_HEADER), text(now));
-                let properties = delivery.properties.clone().with_headers(headers);
+                let properties =
+                    headers::replayed(&delivery.properties, time::OffsetDateTime::now_utc());
+                // Through the internal route: the only one on which the worker believes the
+                // replay mark (a CRM cannot write to it).
                 publisher
-                    .publish("", &topology.jobs_queue, &delivery.data, properties, true)
+                    .publish(
+                        &topology.internal_exchange,
+                        JOBS_ROUTING_KEY,
+                        &delivery.data,
+                        properties,
+                        true,
+                    )
                     .await
-                    .context("replaying to the jobs queue")?;
+                    .with_context(|| {
+                        format!(
+                            "replaying to the jobs queue through {} (declared by `dialer topology` or a worker of this version; the user needs write permission on it)",
+                            topology.internal_exchange
+                        )
+                    })?;
                 delivery
                     .ack(BasicAckOptions { multiple: false })
                     .await
