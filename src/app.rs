@@ -91,7 +91,13 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let broker = config::broker_settings(&args.broker)?;
             let action = match args.action {
                 DlqAction::Count => crate::dlq::Action::Count,
-                DlqAction::Show { limit } => crate::dlq::Action::Show(limit),
+                DlqAction::Show {
+                    limit,
+                    show_numbers,
+                } => crate::dlq::Action::Show {
+                    limit,
+                    show_numbers,
+                },
                 DlqAction::Replay { limit } => crate::dlq::Action::Replay(limit),
             };
             crate::dlq::run(broker, action).await?;

@@ -15,6 +15,11 @@ use crate::telemetry::mask_phone;
 /// The largest body accepted (contract §3); checked before anything is parsed.
 pub const MAX_JOB_BYTES: usize = 64 * 1024;
 
+/// How far ahead `notBefore` may be (docs/jobs-and-events.md §2): a job further out is
+/// `rejected` rather than hopping through the 10-minute delay tier for months, and it would
+/// outlive the week its decision is kept.
+pub const NOT_BEFORE_HORIZON: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// The participant attribute the worker adds (= the `jobId`), so a job may not set it itself.
 pub const JOB_ID_ATTRIBUTE: &str = "dialerJobId";
 
@@ -210,6 +215,18 @@ pub struct DialJob {
 }
 
 impl DialJob {
+    /// Why the job may not wait for its `notBefore`: it is further than
+    /// [`NOT_BEFORE_HORIZON`] after `now`. A message naming the field, or `None`.
+    pub fn beyond_horizon(&self, now: OffsetDateTime) -> Option<String> {
+        let not_before = self.not_before?;
+        (not_before - now > NOT_BEFORE_HORIZON).then(|| {
+            format!(
+                "notBefore {} is more than 7 days ahead; publish the job at most 7 days before its time",
+                not_before.format(&Rfc3339).unwrap_or_default()
+            )
+        })
+    }
+
     /// The body of the place-call request: the job's fields, with `dialerJobId` = the job id
     /// added to the attributes so the conversation can be traced back to the job.
     pub fn create_call_request(&self) -> CreateCallRequest {
@@ -1238,6 +1255,20 @@ mod tests {
         );
         // The job keeps the attributes as sent, for the result event.
         assert_eq!(job.attributes.len(), 1);
+    }
+
+    #[test]
+    fn not_before_has_a_horizon() {
+        let now = OffsetDateTime::parse("2026-03-01T00:00:00Z", &Rfc3339).unwrap();
+        let at = |t: &str| parse(with("notBefore", t.into())).unwrap();
+        assert_eq!(at("2026-03-08T00:00:00Z").beyond_horizon(now), None);
+        let far = at("2026-03-08T00:00:01Z").beyond_horizon(now).unwrap();
+        assert!(
+            far.starts_with("notBefore 2026-03-08T00:00:01Z is more than 7 days ahead"),
+            "{far}"
+        );
+        assert!(at("9999-12-31T23:59:59Z").beyond_horizon(now).is_some());
+        assert_eq!(parse(minimal()).unwrap().beyond_horizon(now), None);
     }
 
     #[test]

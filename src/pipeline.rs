@@ -393,6 +393,12 @@ impl Pipeline {
     /// From a claimed job to a decision, a delay or a give-back.
     async fn dial(&self, job: &DialJob, progress: &mut Progress) -> Step {
         let now = OffsetDateTime::now_utc();
+        // Checked here, after the claim, so the rejection is recorded: whether a time is too
+        // far ahead depends on when it is asked, and a redelivery must get the same answer.
+        if let Some(message) = job.beyond_horizon(now) {
+            let error = EventError::new("invalid_field", message);
+            return self.decided(job, Outcome::Rejected, progress, None, Some(error));
+        }
         if job.expires_at.is_some_and(|expires| expires <= now) {
             return self.decided(
                 job,
