@@ -760,6 +760,9 @@ fn store_failure(error: StoreError) -> SystemicFailure {
 }
 
 #[cfg(test)]
+mod step_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
