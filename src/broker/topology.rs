@@ -344,7 +344,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_follow_the_contract() {
+    fn names_follow_the_documented_topology() {
         let t = Topology::new("dialer", QueueType::Quorum);
         assert_eq!(t.jobs_queue, "dialer.jobs");
         assert_eq!(t.jobs_exchange, "dialer.jobs");
