@@ -134,7 +134,8 @@ pub struct Incoming<'a> {
     pub body: &'a [u8],
     /// The AMQP `message_id` (the job id when the body has none).
     pub message_id: Option<&'a str>,
-    /// The AMQP `correlation_id` (for logs; the worker copies it into the event's properties).
+    /// The AMQP `correlation_id`, for the job's log span (the worker copies it into the event's
+    /// properties).
     pub correlation_id: Option<&'a str>,
     /// The counters the job carries (zero unless it came back from a delay tier).
     pub counters: Counters,
@@ -142,8 +143,8 @@ pub struct Incoming<'a> {
     pub arrival: Arrival,
     /// The broker's redelivered flag.
     pub redelivered: bool,
-    /// The exchange it was published to (for logs; the trust decision is already in
-    /// `counters` and `arrival`).
+    /// The exchange it was published to, for the job's log span (the trust decision is already
+    /// in `counters` and `arrival`).
     pub exchange: &'a str,
 }
 
@@ -219,7 +220,16 @@ impl Pipeline {
                 return publish(event);
             }
         };
-        let span = tracing::info_span!("job", job_id = %job.job_id, attempts = progress.attempts);
+        // The correlation id is the publisher's text: Debug-quoted so it cannot forge a log line.
+        let span = tracing::info_span!(
+            "job",
+            job_id = %job.job_id,
+            attempts = progress.attempts,
+            arrival = ?arrival,
+            exchange = incoming.exchange,
+            redelivered = incoming.redelivered,
+            correlation_id = ?incoming.correlation_id,
+        );
         self.claim_and_decide(job, arrival, &mut progress)
             .instrument(span)
             .await
