@@ -587,3 +587,63 @@ fn spawn_pruning(pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::{AMQPValue, LongString};
+
+    use super::*;
+    use crate::broker::headers::Counters;
+    use crate::config::QueueType;
+
+    fn delivery(exchange: &str, redelivered: bool) -> Delivery {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            headers::ATTEMPTS.into(),
+            AMQPValue::LongLongInt(4_294_967_295),
+        );
+        headers.insert(headers::TRIES.into(), AMQPValue::LongLongInt(2));
+        headers.insert(
+            headers::REPLAYED_AT.into(),
+            AMQPValue::LongString(LongString::from("2026-01-01T00:00:00Z")),
+        );
+        let mut delivery = Delivery::mock(
+            1,
+            exchange.into(),
+            "dial".into(),
+            redelivered,
+            b"{}".to_vec(),
+        );
+        delivery.properties = BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id("m-1".into());
+        delivery
+    }
+
+    #[test]
+    fn marks_count_only_through_the_internal_route() {
+        let topology = Topology::new("p", QueueType::Quorum);
+        for exchange in ["p.jobs", "", "amq.direct"] {
+            let forged = delivery(exchange, false);
+            let seen = incoming(&forged, &topology);
+            assert_eq!(seen.arrival, Arrival::New, "{exchange:?}");
+            assert_eq!(seen.counters, Counters::default(), "{exchange:?}");
+            assert_eq!(seen.message_id, Some("m-1"));
+            // The broker's redelivered flag cannot be forged: it still counts.
+            let redelivered = delivery(exchange, true);
+            assert_eq!(incoming(&redelivered, &topology).arrival, Arrival::Retry);
+        }
+        let ours = delivery("p.internal", false);
+        let seen = incoming(&ours, &topology);
+        assert_eq!(
+            seen.arrival,
+            Arrival::Retry,
+            "counters make it the same job again"
+        );
+        assert_eq!(seen.counters.tries, 2);
+        assert!(
+            seen.counters.attempts < u32::MAX / 2,
+            "capped: adding cannot wrap"
+        );
+    }
+}
