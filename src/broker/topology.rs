@@ -208,15 +208,30 @@ impl Topology {
         publisher: &Publisher,
     ) -> Result<u64, BrokerError> {
         let mut moved = 0;
+        let if_empty = QueueDeleteOptions {
+            if_empty: true,
+            ..QueueDeleteOptions::default()
+        };
         for ((_, old), (_, new)) in self.legacy_delay_queues.iter().zip(&self.delay_queues) {
-            // A passive declare of a missing queue closes its channel: one channel per tier.
-            let channel = connection
-                .create_channel()
+            let open = || async {
+                connection
+                    .create_channel()
+                    .await
+                    .map_err(BrokerError::amqp("opening a channel for the migration"))
+            };
+            // Deleting a queue that does not exist succeeds, so the usual case (nothing to
+            // migrate) stays quiet; an old tier still holding jobs refuses and closes the
+            // channel, and its jobs are moved on a fresh one.
+            let channel = open().await?;
+            if channel
+                .queue_delete(ShortString::from(old.as_str()), if_empty)
                 .await
-                .map_err(BrokerError::amqp("opening a channel for the migration"))?;
-            if super::queue_depth(&channel, old).await.is_err() {
-                continue; // never declared here, or already migrated
+                .is_ok()
+            {
+                let _ = channel.close(200, ShortString::from("migrated")).await;
+                continue;
             }
+            let channel = open().await?;
             while let Some(message) = channel
                 .basic_get(
                     ShortString::from(old.as_str()),
@@ -237,10 +252,6 @@ impl Topology {
                     .map_err(BrokerError::amqp(format!("acking a job moved from {old}")))?;
                 moved += 1;
             }
-            let if_empty = QueueDeleteOptions {
-                if_empty: true,
-                ..QueueDeleteOptions::default()
-            };
             match channel
                 .queue_delete(ShortString::from(old.as_str()), if_empty)
                 .await
