@@ -1,6 +1,6 @@
 //! The dial job (docs/jobs-and-events.md §2): a message body parsed once, at the edge, into a
 //! [`DialJob`] whose fields are already checked, or a [`Rejection`] that names the field and
-//! what is accepted. Phone numbers live in [`phone`], the reading of single fields in `fields`.
+//! what is accepted. Phone numbers live in `phone`, the reading of single fields in `fields`.
 
 mod fields;
 mod phone;
