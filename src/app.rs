@@ -91,7 +91,13 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let broker = config::broker_settings(&args.broker)?;
             let action = match args.action {
                 DlqAction::Count => crate::dlq::Action::Count,
-                DlqAction::Show { limit } => crate::dlq::Action::Show(limit),
+                DlqAction::Show {
+                    limit,
+                    show_numbers,
+                } => crate::dlq::Action::Show {
+                    limit,
+                    show_numbers,
+                },
                 DlqAction::Replay { limit } => crate::dlq::Action::Replay(limit),
             };
             crate::dlq::run(broker, action).await?;
@@ -103,23 +109,30 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let connection = crate::broker::connect(&broker.amqp_url, "dialer topology")
                 .await
                 .map_err(anyhow::Error::from)?;
-            let channel = connection
-                .create_channel()
+            let publisher = crate::broker::Publisher::open(&connection)
                 .await
-                .map_err(|e| anyhow::anyhow!("opening a channel: {e}"))?;
+                .map_err(anyhow::Error::from)?;
             topology
-                .declare(&channel)
+                .declare(publisher.channel())
+                .await
+                .map_err(anyhow::Error::from)?;
+            let moved = topology
+                .migrate(&connection, &publisher)
                 .await
                 .map_err(anyhow::Error::from)?;
             let _ = connection.close(200, "done".into()).await;
             println!(
-                "declared: queue {} (and {} delay queues), exchange {}, dead-letter queue {}, reply exchange {}",
+                "declared: queue {} (and {} delay queues), exchange {}, internal exchange {}, dead-letter queue {}, reply exchange {}",
                 topology.jobs_queue,
                 topology.delay_queues.len(),
                 topology.jobs_exchange,
+                topology.internal_exchange,
                 topology.dead_letter_queue,
                 topology.reply_exchange
             );
+            if moved > 0 {
+                println!("moved {moved} delayed jobs from the delay queues of an earlier version");
+            }
             Ok(())
         }
         Command::Demo(args) => {

@@ -170,6 +170,9 @@ pub enum DlqAction {
         /// How many.
         #[arg(long, default_value_t = 10)]
         limit: u32,
+        /// Print phone numbers in full (masked by default: `+14*******71`).
+        #[arg(long)]
+        show_numbers: bool,
     },
     /// Send the oldest dead-lettered jobs back to the jobs queue, one at a time with confirms.
     Replay {

@@ -5,19 +5,32 @@
 
 use anyhow::Context as _;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::{FieldTable, ShortString};
 
-use crate::broker::{self, Publisher, Topology, header_str, header_u32, text};
+use crate::broker::headers::{self, DeadLetter};
+use crate::broker::{self, JOBS_ROUTING_KEY, Publisher, Topology};
 use crate::config::BrokerSettings;
-use crate::pipeline::REPLAY_HEADER;
+use crate::telemetry::mask_phone;
+
+/// Characters of a body `dlq show` prints.
+const SHOWN_BODY_CHARS: usize = 300;
+/// A run of at least this many digits (with separators) is taken for a phone number in a body
+/// that is not a job: 7 is the shortest subscriber number in common use.
+const PHONE_LIKE_DIGITS: usize = 7;
+/// Job fields whose digits are times, not numbers: left readable.
+const TIME_FIELDS: [&str; 2] = ["notBefore", "expiresAt"];
 
 /// What to do with the dead-letter queue.
 #[derive(Clone, Copy, Debug)]
 pub enum Action {
     /// Print how many jobs are dead-lettered.
     Count,
-    /// Print up to this many, leaving them in place.
-    Show(u32),
+    /// Print up to `limit`, leaving them in place; phone numbers masked unless `show_numbers`.
+    Show {
+        /// How many.
+        limit: u32,
+        /// Print phone numbers in full.
+        show_numbers: bool,
+    },
     /// Send up to this many back to the jobs queue.
     Replay(u32),
 }
@@ -39,7 +52,10 @@ pub async fn run(broker: BrokerSettings, action: Action) -> anyhow::Result<()> {
         })?;
     match action {
         Action::Count => println!("{count} jobs in {queue}"),
-        Action::Show(limit) => {
+        Action::Show {
+            limit,
+            show_numbers,
+        } => {
             for _ in 0..limit.min(count) {
                 let Some(message) = channel
                     .basic_get(queue.into(), BasicGetOptions { no_ack: false })
@@ -47,20 +63,16 @@ pub async fn run(broker: BrokerSettings, action: Action) -> anyhow::Result<()> {
                 else {
                     break;
                 };
-                let props = &message.delivery.properties;
-                let field = |name: &str| header_str(props, name).unwrap_or_else(|| "-".to_owned());
+                let dead = DeadLetter::read(&message.delivery.properties);
                 println!(
                     "job {}  outcome {}  attempts {}  at {}\n  {}: {}\n  body: {}",
-                    field("x-dialer-job-id"),
-                    field("x-dialer-outcome"),
-                    header_u32(props, "x-dialer-attempts").unwrap_or(0),
-                    field("x-dialer-dead-lettered-at"),
-                    field("x-dialer-error-kind"),
-                    field("x-dialer-error"),
-                    String::from_utf8_lossy(&message.delivery.data)
-                        .chars()
-                        .take(300)
-                        .collect::<String>()
+                    dead.job_id.as_deref().unwrap_or("-"),
+                    dead.outcome,
+                    dead.attempts,
+                    dead.at,
+                    dead.error_kind,
+                    dead.error,
+                    shown_body(&message.delivery.data, show_numbers)
                 );
             }
             // Unacked messages go back to the queue, in order, when the channel closes.
@@ -77,25 +89,25 @@ pub async fn run(broker: BrokerSettings, action: Action) -> anyhow::Result<()> {
                     break;
                 };
                 let delivery = &message.delivery;
-                // The worker's own headers go: a replayed job starts counting afresh, and the
-                // replay header tells the worker a person asked for another try.
-                let mut headers = FieldTable::default();
-                if let Some(original) = delivery.properties.headers() {
-                    for (name, value) in original.inner() {
-                        if !name.as_str().starts_with("x-dialer-") {
-                            headers.insert(name.clone(), value.clone());
-                        }
-                    }
-                }
-                let now = time::OffsetDateTime::now_utc()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default();
-                headers.insert(ShortString::from(REPLAY_HEADER), text(now));
-                let properties = delivery.properties.clone().with_headers(headers);
+                let properties =
+                    headers::replayed(&delivery.properties, time::OffsetDateTime::now_utc());
+                // Through the internal route: the only one on which the worker believes the
+                // replay mark (a CRM cannot write to it).
                 publisher
-                    .publish("", &topology.jobs_queue, &delivery.data, properties, true)
+                    .publish(
+                        &topology.internal_exchange,
+                        JOBS_ROUTING_KEY,
+                        &delivery.data,
+                        properties,
+                        true,
+                    )
                     .await
-                    .context("replaying to the jobs queue")?;
+                    .with_context(|| {
+                        format!(
+                            "replaying to the jobs queue through {} (declared by `dialer topology` or a worker of this version; the user needs write permission on it)",
+                            topology.internal_exchange
+                        )
+                    })?;
                 delivery
                     .ack(BasicAckOptions { multiple: false })
                     .await
@@ -110,4 +122,105 @@ pub async fn run(broker: BrokerSettings, action: Action) -> anyhow::Result<()> {
     }
     let _ = connection.close(200, "dlq done".into()).await;
     Ok(())
+}
+
+/// The body as `dlq show` prints it, cut short. Unless `show_numbers`, phone numbers are masked
+/// as in logs: a job's `phoneNumber` always, and anything that looks like a phone number in
+/// its other strings (attributes, labels) or in a body that is not JSON.
+fn shown_body(body: &[u8], show_numbers: bool) -> String {
+    let text = String::from_utf8_lossy(body);
+    let shown = if show_numbers {
+        text.into_owned()
+    } else {
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(mut value) => {
+                mask_json(&mut value, None);
+                value.to_string()
+            }
+            Err(_) => mask_phone_like(&text),
+        }
+    };
+    shown.chars().take(SHOWN_BODY_CHARS).collect()
+}
+
+fn mask_json(value: &mut serde_json::Value, key: Option<&str>) {
+    match value {
+        serde_json::Value::String(s) => match key {
+            Some("phoneNumber") => *s = mask_phone(s),
+            Some(k) if TIME_FIELDS.contains(&k) => {}
+            _ => *s = mask_phone_like(s),
+        },
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| mask_json(v, None)),
+        serde_json::Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                mask_json(v, Some(k.as_str()));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Masks every run of digits (an optional leading `+`, the separators of a written number
+/// inside) holding at least [`PHONE_LIKE_DIGITS`] digits.
+fn mask_phone_like(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let starts = chars[i].is_ascii_digit()
+            || (chars[i] == '+' && chars.get(i + 1).is_some_and(char::is_ascii_digit));
+        if !starts {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        let mut end = i + 1;
+        while end < chars.len()
+            && (chars[end].is_ascii_digit()
+                || matches!(chars[end], ' ' | '-' | '.' | '(' | ')' | '/'))
+        {
+            end += 1;
+        }
+        // A run ends on a digit: trailing separators are not part of the number.
+        while end > i + 1 && !chars[end - 1].is_ascii_digit() {
+            end -= 1;
+        }
+        let run: String = chars[i..end].iter().collect();
+        if run.chars().filter(char::is_ascii_digit).count() >= PHONE_LIKE_DIGITS {
+            out.push_str(&mask_phone(&run));
+        } else {
+            out.push_str(&run);
+        }
+        i = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_masked_unless_asked() {
+        let body = br#"{"jobId":"j-1","phoneNumber":"+14155552671","notBefore":"2026-03-01T09:30:00Z","attributes":{"mobile":"call 020 7183 8750 today","crm":"L-42"}}"#;
+        let masked = shown_body(body, false);
+        assert!(masked.contains("+14*******71"), "{masked}");
+        assert!(!masked.contains("5552671"), "{masked}");
+        assert!(!masked.contains("7183 8750"), "{masked}");
+        assert!(masked.contains("2026-03-01T09:30:00Z"), "{masked}");
+        assert!(
+            masked.contains("L-42") && masked.contains("j-1"),
+            "{masked}"
+        );
+        let full = shown_body(body, true);
+        assert!(full.contains("+14155552671"), "{full}");
+
+        let not_json = shown_body(b"phone: +44 20 7183 8750, ref 42", false);
+        assert!(!not_json.contains("7183"), "{not_json}");
+        assert!(
+            not_json.starts_with("phone: +4") && not_json.ends_with(", ref 42"),
+            "{not_json}"
+        );
+        assert_eq!(shown_body(&[b'x'; 400], false).len(), SHOWN_BODY_CHARS);
+    }
 }

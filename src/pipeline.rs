@@ -2,33 +2,28 @@
 //!
 //! Parse → claim → `expiresAt` / `notBefore` → resolve the agent → place the call (paced by
 //! the rate gate) → classify → record the decision. The consume loop applies the verdict
-//! (publish, then ack / dead-letter / delay / requeue); nothing here touches the broker.
+//! (publish, then ack / dead-letter / delay / requeue); nothing here touches the broker: a
+//! delivery comes in as a plain [`Incoming`] value, and a delay goes out as a wait for the
+//! broker layer to turn into a delay tier.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use lapin::BasicProperties;
 use rand::Rng;
 use time::OffsetDateTime;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::broker::{Topology, header_str, header_u32};
-use crate::decisions::{ClaimResult, DecisionStore, JobState};
+use crate::broker::Delay;
+use crate::broker::headers::{Counters, Marks};
+use crate::decisions::{ClaimResult, DecisionStore, JobState, StoreError};
 use crate::event::{EventError, Outcome, ResultEvent};
 use crate::genesys::{ErrorClass, GenesysClient, GenesysError, UserId};
 use crate::job::{Agent, DialJob, parse_job};
 use crate::metrics as m;
 use crate::telemetry::mask_phone;
-
-/// Header counting place-call requests sent for the job, across delays (contract §4).
-pub const ATTEMPTS_HEADER: &str = "x-dialer-attempts";
-/// Header counting the failures that count toward `DIALER_MAX_ATTEMPTS` (429s do not).
-pub const TRIES_HEADER: &str = "x-dialer-tries";
-/// Header `dialer dlq replay` sets: a person asked for this dead-lettered job to be tried again.
-pub const REPLAY_HEADER: &str = "x-dialer-replayed-at";
 
 /// Waits up to this long happen in process (the message stays unacked); longer ones go through
 /// a delay queue, so no message is held near the broker's consumer timeout.
@@ -50,14 +45,12 @@ pub enum Verdict {
         /// The event as recorded in the decision store.
         bytes: Vec<u8>,
     },
-    /// Republish the job to a delay queue with updated counters, then ack the original.
+    /// Send the job through a delay tier with its counters, then ack the original.
     Delay {
-        /// The delay queue.
-        queue: String,
-        /// Place-call requests sent so far.
-        attempts: u32,
-        /// Failures counted toward the limit so far.
-        tries: u32,
+        /// How long it should stay away; the broker layer picks the tier.
+        wait: Delay,
+        /// Place-call requests sent and failures counted so far.
+        counters: Counters,
     },
     /// Give the job back to the queue untouched (claim released): shutdown or a systemic failure.
     Requeue {
@@ -84,26 +77,33 @@ impl SystemicFailure {
     }
 }
 
-/// Everything the per-job step needs, shared by all jobs of the process.
-pub struct Pipeline {
+/// What the per-job step is built from.
+pub struct PipelineSettings {
     /// Genesys Cloud.
     pub genesys: GenesysClient,
     /// Claims and decisions.
     pub store: DecisionStore,
-    /// Queue names.
-    pub topology: Topology,
-    /// Attempts before `failed`.
+    /// Attempts before `failed` (`DIALER_MAX_ATTEMPTS`).
     pub max_attempts: u32,
-    /// Whether ambiguous answers are retried.
+    /// Whether ambiguous answers are retried (`DIALER_RETRY_AMBIGUOUS`).
     pub retry_ambiguous: bool,
-    /// Name in result events.
+    /// Name in result events (`DIALER_WORKER_NAME`).
     pub worker: String,
-    /// Claim owner: this process (the worker name plus a per-start nonce).
-    pub owner: String,
-    /// Cancelled when shutdown starts: jobs not yet dialled are requeued.
-    pub shutdown: CancellationToken,
-    /// Tells the consume loop to pause on a systemic failure.
-    pub systemic: tokio::sync::mpsc::UnboundedSender<SystemicFailure>,
+}
+
+/// Everything the per-job step needs, shared by all jobs of the process.
+pub struct Pipeline {
+    genesys: GenesysClient,
+    store: DecisionStore,
+    max_attempts: u32,
+    retry_ambiguous: bool,
+    worker: String,
+    // Claim owner: this process (the worker name plus a per-start nonce).
+    owner: String,
+    // Cancelled when shutdown starts: jobs not yet dialled are requeued.
+    shutdown: CancellationToken,
+    // Tells the consume loop to pause on a systemic failure.
+    systemic: mpsc::UnboundedSender<SystemicFailure>,
     // Jobs being decided by this process, so a redelivered copy (after a lost connection)
     // waits for the decision instead of calling it `unknown`. std Mutex: no await inside.
     in_flight: Mutex<HashMap<String, watch::Receiver<Option<Vec<u8>>>>>,
@@ -127,34 +127,47 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Facts about one delivery the step needs.
+/// One delivery as the step sees it: plain values the worker read from the broker's message.
+// No Debug: the body holds a phone number, which must not reach a log by accident.
+#[derive(Clone, Copy)]
 pub struct Incoming<'a> {
     /// The body.
     pub body: &'a [u8],
-    /// Its AMQP properties.
-    pub properties: &'a BasicProperties,
+    /// The AMQP `message_id` (the job id when the body has none).
+    pub message_id: Option<&'a str>,
+    /// The AMQP `correlation_id`, for the job's log span (the worker copies it into the event's
+    /// properties).
+    pub correlation_id: Option<&'a str>,
+    /// The counters the job carries (zero unless it came back from a delay tier).
+    pub counters: Counters,
+    /// How it relates to earlier copies of its job.
+    pub arrival: Arrival,
     /// The broker's redelivered flag.
     pub redelivered: bool,
+    /// The exchange it was published to, for the job's log span (the trust decision is already
+    /// in `counters` and `arrival`).
+    pub exchange: &'a str,
 }
 
 impl Pipeline {
-    /// Builds the shared step.
-    #[allow(clippy::too_many_arguments)]
+    /// Builds the shared step; the receiver hears of systemic failures (the consume loop
+    /// pauses on them). `shutdown` cancelled: jobs not yet dialled are given back.
     pub fn new(
-        genesys: GenesysClient,
-        store: DecisionStore,
-        topology: Topology,
-        max_attempts: u32,
-        retry_ambiguous: bool,
-        worker: String,
+        settings: PipelineSettings,
         shutdown: CancellationToken,
-        systemic: tokio::sync::mpsc::UnboundedSender<SystemicFailure>,
-    ) -> Self {
-        let owner = format!("{worker}/{}", uuid::Uuid::new_v4().simple());
-        Self {
+    ) -> (Self, mpsc::UnboundedReceiver<SystemicFailure>) {
+        let PipelineSettings {
             genesys,
             store,
-            topology,
+            max_attempts,
+            retry_ambiguous,
+            worker,
+        } = settings;
+        let (systemic, failures) = mpsc::unbounded_channel();
+        let owner = format!("{worker}/{}", uuid::Uuid::new_v4().simple());
+        let pipeline = Self {
+            genesys,
+            store,
             max_attempts,
             retry_ambiguous,
             worker,
@@ -162,33 +175,39 @@ impl Pipeline {
             shutdown,
             systemic,
             in_flight: Mutex::new(HashMap::new()),
-        }
+        };
+        (pipeline, failures)
+    }
+
+    /// The decision store, in words, for the start-up log line.
+    pub fn describe_store(&self) -> String {
+        self.store.describe()
+    }
+
+    /// Forgets decisions older than `older_than`; how many went.
+    pub async fn prune_decisions(&self, older_than: Duration) -> Result<u64, StoreError> {
+        self.store.prune(older_than).await
+    }
+
+    /// Whether Genesys accepts the credentials now (a fresh token is asked for): how a
+    /// systemic pause ends.
+    pub async fn credentials_accepted(&self) -> Result<(), GenesysError> {
+        let tokens = self.genesys.tokens();
+        tokens.forget();
+        tokens.token().await.map(|_| ())
     }
 
     /// Decides what happens to one delivery.
     pub async fn process(&self, incoming: Incoming<'_>) -> Verdict {
         let received_at = OffsetDateTime::now_utc();
-        let message_id = incoming
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.as_str());
-        let attempts = header_u32(incoming.properties, ATTEMPTS_HEADER);
-        let arrival = if incoming.redelivered || attempts.is_some() {
-            // A redelivery, or a copy we sent through a delay queue (it carries our counter).
-            Arrival::Retry
-        } else if header_str(incoming.properties, REPLAY_HEADER).is_some() {
-            Arrival::Replay
-        } else {
-            Arrival::New
-        };
+        let arrival = incoming.arrival;
         let mut progress = Progress {
             received_at,
-            attempts: attempts.unwrap_or(0),
-            tries: header_u32(incoming.properties, TRIES_HEADER).unwrap_or(0),
+            attempts: incoming.counters.attempts,
+            tries: incoming.counters.tries,
         };
 
-        let job = match parse_job(incoming.body, message_id) {
+        let job = match parse_job(incoming.body, incoming.message_id) {
             Ok(job) => job,
             Err(rejection) => {
                 tracing::warn!(job_id = rejection.job_id.as_deref(), kind = rejection.kind.as_str(), error = %rejection.message, "job rejected");
@@ -202,7 +221,16 @@ impl Pipeline {
                 return publish(event);
             }
         };
-        let span = tracing::info_span!("job", job_id = %job.job_id, attempts = progress.attempts);
+        // The correlation id is the publisher's text: Debug-quoted so it cannot forge a log line.
+        let span = tracing::info_span!(
+            "job",
+            job_id = %job.job_id,
+            attempts = progress.attempts,
+            arrival = ?arrival,
+            exchange = incoming.exchange,
+            redelivered = incoming.redelivered,
+            correlation_id = ?incoming.correlation_id,
+        );
         self.claim_and_decide(job, arrival, &mut progress)
             .instrument(span)
             .await
@@ -276,15 +304,17 @@ impl Pipeline {
                 guard.decided.send_replace(Some(in_force.clone()));
                 Ok(republish(in_force))
             }
-            Step::Delay { queue } => {
+            Step::Delay { wait } => {
                 self.store
                     .set_waiting(&guard.job_id, &self.owner)
                     .await
                     .map_err(store_failure)?;
                 Ok(Verdict::Delay {
-                    queue,
-                    attempts: progress.attempts,
-                    tries: progress.tries,
+                    wait,
+                    counters: Counters {
+                        attempts: progress.attempts,
+                        tries: progress.tries,
+                    },
                 })
             }
             Step::GiveBack(reason) => {
@@ -374,6 +404,12 @@ impl Pipeline {
     /// From a claimed job to a decision, a delay or a give-back.
     async fn dial(&self, job: &DialJob, progress: &mut Progress) -> Step {
         let now = OffsetDateTime::now_utc();
+        // Checked here, after the claim, so the rejection is recorded: whether a time is too
+        // far ahead depends on when it is asked, and a redelivery must get the same answer.
+        if let Some(message) = job.beyond_horizon(now) {
+            let error = EventError::new("invalid_field", message);
+            return self.decided(job, Outcome::Rejected, progress, None, Some(error));
+        }
         if job.expires_at.is_some_and(|expires| expires <= now) {
             return self.decided(
                 job,
@@ -392,16 +428,10 @@ impl Pipeline {
             let wait = duration_until(not_before, now);
             if wait > IN_PROCESS_WAIT_LIMIT {
                 // Wait in the broker; the job comes back early and waits the rest then.
-                if let Some((_, queue)) = self
-                    .topology
-                    .delay_at_most(wait - IN_PROCESS_WAIT_LIMIT / 2)
-                {
-                    metrics::counter!(m::RETRIES_SCHEDULED_TOTAL, "via" => "delay_queue")
-                        .increment(1);
-                    return Step::Delay {
-                        queue: queue.clone(),
-                    };
-                }
+                metrics::counter!(m::RETRIES_SCHEDULED_TOTAL, "via" => "delay_queue").increment(1);
+                return Step::Delay {
+                    wait: Delay::AtMost(wait - IN_PROCESS_WAIT_LIMIT / 2),
+                };
             }
             if !self.sleep_unless_shutdown(wait).await {
                 return Step::GiveBack("shutdown during notBefore wait");
@@ -461,9 +491,8 @@ impl Pipeline {
                     }
                     metrics::counter!(m::RETRIES_SCHEDULED_TOTAL, "via" => "delay_queue")
                         .increment(1);
-                    let (_, queue) = self.topology.delay_at_least(wait);
                     return Step::Delay {
-                        queue: queue.clone(),
+                        wait: Delay::AtLeast(wait),
                     };
                 }
                 Next::Fail(outcome) => {
@@ -524,9 +553,8 @@ impl Pipeline {
                     }
                 }
                 Next::RetryAfter(wait) => {
-                    let (_, queue) = self.topology.delay_at_least(wait);
                     return Err(Step::Delay {
-                        queue: queue.clone(),
+                        wait: Delay::AtLeast(wait),
                     });
                 }
                 Next::Fail(outcome) => {
@@ -648,13 +676,28 @@ impl Pipeline {
 
 /// How a message relates to earlier copies of its job; decides what an existing record means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Arrival {
+pub enum Arrival {
     /// A new message: an existing record makes it a duplicate.
     New,
     /// The broker redelivered it, or it came back from a delay queue: the same job again.
     Retry,
     /// `dialer dlq replay` sent it back: a person wants a failed job tried once more.
     Replay,
+}
+
+impl Arrival {
+    /// From the broker's redelivered flag and the marks believed on the delivery (none unless
+    /// it came through the internal route).
+    pub fn of(redelivered: bool, marks: &Marks) -> Self {
+        if redelivered || marks.counters.is_some() {
+            // A redelivery, or a copy we sent through a delay tier (it carries our counters).
+            Self::Retry
+        } else if marks.replayed_at.is_some() {
+            Self::Replay
+        } else {
+            Self::New
+        }
+    }
 }
 
 /// Whether a replay may set a recorded decision aside: only outcomes that went to the
@@ -674,7 +717,7 @@ struct Progress {
 /// Where the claimed job's step ended.
 enum Step {
     Decided(Box<ResultEvent>),
-    Delay { queue: String },
+    Delay { wait: Delay },
     GiveBack(&'static str),
 }
 
@@ -723,9 +766,12 @@ fn republish(bytes: Vec<u8>) -> Verdict {
     }
 }
 
-fn store_failure(error: crate::decisions::StoreError) -> SystemicFailure {
+fn store_failure(error: StoreError) -> SystemicFailure {
     SystemicFailure::now(format!("decision store: {error}"))
 }
+
+#[cfg(test)]
+mod step_tests;
 
 #[cfg(test)]
 mod tests {

@@ -13,28 +13,27 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{self, BrokerError, Publisher, Topology, text, with_headers};
+use crate::broker::headers::{self, DeadLetter, Marks};
+use crate::broker::{self, BrokerError, Publisher, Topology};
 use crate::config::{DecisionStoreKind, RunSettings};
 use crate::decisions::DecisionStore;
 use crate::event::Outcome;
 use crate::genesys::GenesysClient;
 use crate::health::{self, Readiness};
 use crate::metrics as m;
-use crate::pipeline::{
-    ATTEMPTS_HEADER, Incoming, Pipeline, SystemicFailure, TRIES_HEADER, Verdict,
-};
+use crate::pipeline::{Arrival, Incoming, Pipeline, PipelineSettings, SystemicFailure, Verdict};
 use crate::ratelimit::RateGate;
 
 /// Reconnect backoff cap: long enough not to hammer a broker that is restarting.
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
-/// Systemic pause backoff cap (contract §5).
+/// Systemic pause backoff cap (docs/jobs-and-events.md §5: "capped at 30 s").
 const PAUSE_CAP: Duration = Duration::from_secs(30);
 /// Decisions older than this are pruned: a CRM that resends a job a week later gets a new call.
 const DECISION_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -97,32 +96,36 @@ pub async fn start(
     let gate = Arc::new(RateGate::new(settings.rate_limit, settings.rate_burst));
     let genesys =
         GenesysClient::new(&settings.genesys, gate).context("cannot set up the Genesys client")?;
-    let topology = Topology::new(&settings.broker.prefix, settings.broker.queue_type);
-    let (systemic_tx, systemic_rx) = mpsc::unbounded_channel();
-    let pipeline = Arc::new(Pipeline::new(
-        genesys,
-        store,
-        topology,
-        settings.max_attempts.get(),
-        settings.retry_ambiguous,
-        settings.worker_name.clone(),
-        shutdown.clone(),
-        systemic_tx,
+    let topology = Arc::new(Topology::new(
+        &settings.broker.prefix,
+        settings.broker.queue_type,
     ));
+    let (pipeline, systemic_rx) = Pipeline::new(
+        PipelineSettings {
+            genesys,
+            store,
+            max_attempts: settings.max_attempts.get(),
+            retry_ambiguous: settings.retry_ambiguous,
+            worker: settings.worker_name.clone(),
+        },
+        shutdown.clone(),
+    );
+    let pipeline = Arc::new(pipeline);
     tracing::info!(
         broker = %crate::config::redact_url(&settings.broker.amqp_url),
-        queue = %pipeline.topology.jobs_queue,
+        queue = %topology.jobs_queue,
         api = %settings.genesys.api_base,
         rate = %settings.rate_limit,
         burst = settings.rate_burst.get(),
         concurrency = settings.concurrency.get(),
-        store = %pipeline.store.describe(),
+        store = %pipeline.describe_store(),
         metrics = %metrics_addr,
         "dialer worker starting"
     );
     let supervisor = Supervisor {
         settings,
         pipeline,
+        topology,
         readiness: readiness.clone(),
         shutdown,
         systemic: systemic_rx,
@@ -153,6 +156,7 @@ enum SessionEnd {
 struct Supervisor {
     settings: RunSettings,
     pipeline: Arc<Pipeline>,
+    topology: Arc<Topology>,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
     systemic: mpsc::UnboundedReceiver<SystemicFailure>,
@@ -250,7 +254,8 @@ impl Supervisor {
         )
         .await?;
         let publisher = Publisher::open(&connection).await?;
-        self.pipeline.topology.declare(publisher.channel()).await?;
+        self.topology.declare(publisher.channel()).await?;
+        self.topology.migrate(&connection, &publisher).await?;
         let channel = connection
             .create_channel()
             .await
@@ -268,7 +273,7 @@ impl Supervisor {
 
     /// Consumes until shutdown (→ drained) or a broker failure; pauses on systemic failures.
     async fn consume(&mut self, publisher: &Publisher, channel: &Channel) -> SessionEnd {
-        let queue = self.pipeline.topology.jobs_queue.clone();
+        let queue = self.topology.jobs_queue.clone();
         loop {
             let mut consumer = match channel
                 .basic_consume(
@@ -359,10 +364,8 @@ impl Supervisor {
                 _ = self.shutdown.cancelled() => break false,
                 _ = tokio::time::sleep(wait) => {}
             }
-            let tokens = self.pipeline.genesys.tokens();
-            tokens.forget();
-            match tokens.token().await {
-                Ok(_) => break true,
+            match self.pipeline.credentials_accepted().await {
+                Ok(()) => break true,
                 Err(error) => {
                     wait = (wait * 2).min(PAUSE_CAP);
                     tracing::warn!(error = %error, retry_in_s = wait.as_secs(), "credentials still refused");
@@ -380,6 +383,7 @@ impl Supervisor {
 
     fn spawn_job(&self, publisher: Publisher, delivery: Delivery, broken: CancellationToken) {
         let pipeline = self.pipeline.clone();
+        let topology = self.topology.clone();
         self.tracker.spawn(async move {
             let started = Instant::now();
             metrics::counter!(m::JOBS_RECEIVED_TOTAL).increment(1);
@@ -389,15 +393,9 @@ impl Supervisor {
                 let waited = now.saturating_sub(i64::try_from(*timestamp).unwrap_or(now)).max(0);
                 metrics::histogram!(m::QUEUE_WAIT_SECONDS).record(waited as f64);
             }
-            let verdict = pipeline
-                .process(Incoming {
-                    body: &delivery.data,
-                    properties: &delivery.properties,
-                    redelivered: delivery.redelivered,
-                })
-                .await;
+            let verdict = pipeline.process(incoming(&delivery, &topology)).await;
             let label = verdict_label(&verdict);
-            match apply(&pipeline, &publisher, &delivery, verdict).await {
+            match apply(&topology, &publisher, &delivery, verdict).await {
                 Ok(()) => {
                     metrics::counter!(m::JOBS_COMPLETED_TOTAL, "outcome" => label).increment(1);
                     metrics::histogram!(m::JOB_DURATION_SECONDS, "outcome" => label)
@@ -425,6 +423,31 @@ enum Stop {
     Broken,
 }
 
+/// The delivery as the pipeline sees it. The dialer's marks (counters, a replay) are believed
+/// only on what came through the internal route, which no CRM can write to; on anything else
+/// they are ignored, so a publisher cannot make a job look like a retry or a replay.
+fn incoming<'a>(delivery: &'a Delivery, topology: &Topology) -> Incoming<'a> {
+    let properties = &delivery.properties;
+    let exchange = delivery.exchange.as_str();
+    let trusted = exchange == topology.internal_exchange;
+    if !trusted && Marks::present(properties) {
+        tracing::warn!(
+            exchange,
+            "x-dialer-* headers on a message that did not come through the internal route are ignored"
+        );
+    }
+    let marks = Marks::read(properties, trusted);
+    Incoming {
+        body: &delivery.data,
+        message_id: properties.message_id().as_ref().map(|s| s.as_str()),
+        correlation_id: properties.correlation_id().as_ref().map(|s| s.as_str()),
+        counters: marks.counters.unwrap_or_default(),
+        arrival: Arrival::of(delivery.redelivered, &marks),
+        redelivered: delivery.redelivered,
+        exchange,
+    }
+}
+
 /// Metric label of a verdict: the outcome, or what happened instead.
 fn verdict_label(verdict: &Verdict) -> &'static str {
     match verdict {
@@ -437,12 +460,11 @@ fn verdict_label(verdict: &Verdict) -> &'static str {
 /// The ack decision, in one place: publish the event with confirms, then ack, dead-letter,
 /// delay or requeue (`requeue` always written out).
 async fn apply(
-    pipeline: &Pipeline,
+    topology: &Topology,
     publisher: &Publisher,
     delivery: &Delivery,
     verdict: Verdict,
 ) -> Result<(), BrokerError> {
-    let topology = &pipeline.topology;
     let ack = || delivery.acker.ack(BasicAckOptions { multiple: false });
     match verdict {
         Verdict::Publish { event, bytes } => {
@@ -469,31 +491,20 @@ async fn apply(
                     .await?;
             }
             if event.outcome.goes_to_dead_letter() {
-                let (kind, message) = event
+                let (error_kind, error) = event
                     .error
                     .as_ref()
                     .map(|e| (e.kind.clone(), e.message.clone()))
                     .unwrap_or_default();
-                let now = time::OffsetDateTime::now_utc()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default();
-                let headers = with_headers(
-                    &delivery.properties,
-                    vec![
-                        (
-                            "x-dialer-job-id",
-                            event.job_id.clone().map(text).unwrap_or(AMQPValue::Void),
-                        ),
-                        ("x-dialer-outcome", text(event.outcome.as_str())),
-                        ("x-dialer-error-kind", text(kind)),
-                        ("x-dialer-error", text(message)),
-                        (
-                            "x-dialer-attempts",
-                            AMQPValue::LongLongInt(event.attempts.into()),
-                        ),
-                        ("x-dialer-dead-lettered-at", text(now)),
-                    ],
-                );
+                let headers = DeadLetter {
+                    job_id: event.job_id.clone(),
+                    outcome: event.outcome.as_str().to_owned(),
+                    error_kind,
+                    error,
+                    attempts: event.attempts,
+                    at: headers::now_rfc3339(),
+                }
+                .properties(&delivery.properties);
                 publisher
                     .publish(
                         "",
@@ -509,20 +520,16 @@ async fn apply(
                 tracing::debug!("job done");
             }
         }
-        Verdict::Delay {
-            queue,
-            attempts,
-            tries,
-        } => {
-            let headers = with_headers(
-                &delivery.properties,
-                vec![
-                    (ATTEMPTS_HEADER, AMQPValue::LongLongInt(attempts.into())),
-                    (TRIES_HEADER, AMQPValue::LongLongInt(tries.into())),
-                ],
-            );
+        Verdict::Delay { wait, counters } => {
+            let (_, queue) = topology.delay_queue(wait);
             publisher
-                .publish("", &queue, &delivery.data, headers, true)
+                .publish(
+                    "",
+                    queue,
+                    &delivery.data,
+                    headers::delayed(&delivery.properties, counters),
+                    true,
+                )
                 .await?;
             ack()
                 .await
@@ -543,7 +550,7 @@ async fn apply(
     Ok(())
 }
 
-/// Properties of a result event (contract §4).
+/// Properties of a result event (docs/jobs-and-events.md §3).
 fn event_properties(delivery: &Delivery, job_id: Option<&str>) -> BasicProperties {
     let correlation = delivery
         .properties
@@ -572,11 +579,71 @@ fn spawn_pruning(pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
                 _ = shutdown.cancelled() => return,
                 _ = every.tick() => {}
             }
-            match pipeline.store.prune(DECISION_RETENTION).await {
+            match pipeline.prune_decisions(DECISION_RETENTION).await {
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(pruned, "pruned old decisions"),
                 Err(error) => tracing::warn!(%error, "pruning decisions failed"),
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::{AMQPValue, LongString};
+
+    use super::*;
+    use crate::broker::headers::Counters;
+    use crate::config::QueueType;
+
+    fn delivery(exchange: &str, redelivered: bool) -> Delivery {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            headers::ATTEMPTS.into(),
+            AMQPValue::LongLongInt(4_294_967_295),
+        );
+        headers.insert(headers::TRIES.into(), AMQPValue::LongLongInt(2));
+        headers.insert(
+            headers::REPLAYED_AT.into(),
+            AMQPValue::LongString(LongString::from("2026-01-01T00:00:00Z")),
+        );
+        let mut delivery = Delivery::mock(
+            1,
+            exchange.into(),
+            "dial".into(),
+            redelivered,
+            b"{}".to_vec(),
+        );
+        delivery.properties = BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id("m-1".into());
+        delivery
+    }
+
+    #[test]
+    fn marks_count_only_through_the_internal_route() {
+        let topology = Topology::new("p", QueueType::Quorum);
+        for exchange in ["p.jobs", "", "amq.direct"] {
+            let forged = delivery(exchange, false);
+            let seen = incoming(&forged, &topology);
+            assert_eq!(seen.arrival, Arrival::New, "{exchange:?}");
+            assert_eq!(seen.counters, Counters::default(), "{exchange:?}");
+            assert_eq!(seen.message_id, Some("m-1"));
+            // The broker's redelivered flag cannot be forged: it still counts.
+            let redelivered = delivery(exchange, true);
+            assert_eq!(incoming(&redelivered, &topology).arrival, Arrival::Retry);
+        }
+        let ours = delivery("p.internal", false);
+        let seen = incoming(&ours, &topology);
+        assert_eq!(
+            seen.arrival,
+            Arrival::Retry,
+            "counters make it the same job again"
+        );
+        assert_eq!(seen.counters.tries, 2);
+        assert!(
+            seen.counters.attempts < u32::MAX / 2,
+            "capped: adding cannot wrap"
+        );
+    }
 }

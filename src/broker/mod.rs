@@ -1,18 +1,20 @@
-//! RabbitMQ: the connection, the topology (contract §2) and publishing with confirms.
+//! RabbitMQ: the connection, the topology (docs/jobs-and-events.md §1), the dialer's headers
+//! and publishing with confirms.
 //!
 //! Reconnection is owned by the worker's loop, not by lapin's auto-recovery (which does not
 //! come back after a broker restart): every connection here is built fresh, declared, used,
 //! and dropped whole when it fails.
 
+pub mod headers;
 mod topology;
 
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-pub use topology::{DELAY_TIERS, JOBS_ROUTING_KEY, Topology};
+pub use topology::{DELAY_TIERS, Delay, JOBS_ROUTING_KEY, Topology};
 
 /// A broker failure.
 #[derive(Debug, thiserror::Error)]
@@ -162,88 +164,4 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, BrokerEr
         .await
         .map_err(BrokerError::amqp(format!("looking up queue {queue}")))?;
     Ok(declared.message_count())
-}
-
-/// Reads an integer header (any AMQP integer type), for counters such as `x-dialer-attempts`.
-pub fn header_u32(properties: &BasicProperties, name: &str) -> Option<u32> {
-    let headers = properties.headers().as_ref()?;
-    let value = headers.inner().get(name)?;
-    let number: i128 = match value {
-        AMQPValue::ShortShortInt(v) => (*v).into(),
-        AMQPValue::ShortShortUInt(v) => (*v).into(),
-        AMQPValue::ShortInt(v) => (*v).into(),
-        AMQPValue::ShortUInt(v) => (*v).into(),
-        AMQPValue::LongInt(v) => (*v).into(),
-        AMQPValue::LongUInt(v) => (*v).into(),
-        AMQPValue::LongLongInt(v) => (*v).into(),
-        AMQPValue::Timestamp(v) => (*v).into(),
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?,
-        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok()?,
-        _ => return None,
-    };
-    u32::try_from(number).ok()
-}
-
-/// Reads a string header.
-pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
-    let headers = properties.headers().as_ref()?;
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
-/// The message's properties with `extra` headers added (existing ones kept, ours overwrite ours).
-pub fn with_headers(
-    properties: &BasicProperties,
-    extra: Vec<(&str, AMQPValue)>,
-) -> BasicProperties {
-    let mut headers: FieldTable = properties.headers().clone().unwrap_or_default();
-    for (name, value) in extra {
-        headers.insert(ShortString::from(name), value);
-    }
-    properties.clone().with_headers(headers)
-}
-
-/// A string as an AMQP header value.
-pub fn text(value: impl Into<String>) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value.into()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn headers_are_added_and_read_back() {
-        let original = BasicProperties::default().with_headers({
-            let mut t = FieldTable::default();
-            t.insert("crm".into(), text("keep me"));
-            t
-        });
-        let props = with_headers(
-            &original,
-            vec![
-                ("x-dialer-attempts", AMQPValue::LongLongInt(3)),
-                ("x-dialer-outcome", text("failed")),
-            ],
-        );
-        assert_eq!(header_u32(&props, "x-dialer-attempts"), Some(3));
-        assert_eq!(
-            header_str(&props, "x-dialer-outcome").as_deref(),
-            Some("failed")
-        );
-        assert_eq!(header_str(&props, "crm").as_deref(), Some("keep me"));
-        assert_eq!(header_u32(&props, "missing"), None);
-        let negative = with_headers(
-            &original,
-            vec![("x-dialer-attempts", AMQPValue::LongInt(-1))],
-        );
-        assert_eq!(header_u32(&negative, "x-dialer-attempts"), None);
-    }
 }

@@ -229,6 +229,13 @@ async fn a_failed_job_replayed_from_the_dead_letter_queue_is_tried_again() {
         shown.contains("job replay-me") && shown.contains("outcome failed"),
         "{shown}"
     );
+    assert!(
+        shown.contains("+14*******71") && !shown.contains("+14155552671"),
+        "numbers are masked unless asked: {shown}"
+    );
+    let unmasked = dlq(&["show", "--show-numbers"]).await.unwrap();
+    let unmasked = String::from_utf8_lossy(&unmasked.stdout);
+    assert!(unmasked.contains("+14155552671"), "{unmasked}");
     assert_eq!(
         app.depth(&app.topology.dead_letter_queue).await,
         1,

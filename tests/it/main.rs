@@ -8,4 +8,5 @@ mod helpers;
 mod proxy;
 mod resilience;
 mod schemas;
+mod trust;
 mod worker;

@@ -1,19 +1,31 @@
-//! The dial job (contract §3): a message body parsed once, at the edge, into a [`DialJob`] whose
-//! fields are already checked, or a [`Rejection`] that names the field and what is accepted.
+//! The dial job (docs/jobs-and-events.md §2): a message body parsed once, at the edge, into a
+//! [`DialJob`] whose fields are already checked, or a [`Rejection`] that names the field and
+//! what is accepted. Phone numbers live in `phone`, the reading of single fields in `fields`.
+
+mod fields;
+mod phone;
 
 use std::collections::BTreeMap;
-use std::fmt::{self, Write as _};
+use std::fmt;
 
-use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::genesys::{CreateCallRequest, UserId, parse_uuid};
-use crate::telemetry::mask_phone;
+use fields::{
+    Body, attributes, check_email, instant, not_a_uuid, priority, shown, string,
+    unknown_field_message,
+};
+pub use phone::PhoneNumber;
 
-/// The largest body accepted (contract §3); checked before anything is parsed.
+/// The largest body accepted (docs/jobs-and-events.md §2); checked before anything is parsed.
 pub const MAX_JOB_BYTES: usize = 64 * 1024;
+
+/// How far ahead `notBefore` may be (docs/jobs-and-events.md §2): a job further out is
+/// `rejected` rather than hopping through the 10-minute delay tier for months, and it would
+/// outlive the week its decision is kept.
+pub const NOT_BEFORE_HORIZON: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// The participant attribute the worker adds (= the `jobId`), so a job may not set it itself.
 pub const JOB_ID_ATTRIBUTE: &str = "dialerJobId";
@@ -93,92 +105,7 @@ pub enum Agent {
     Email(String),
 }
 
-/// A phone number libphonenumber calls valid, normalised to E.164 (`+14155552671`).
-///
-/// `Debug` and `Display` print it masked (`+14*******71`) so that it reaches no log by accident;
-/// [`PhoneNumber::e164`] gives the real number for Genesys and the result event.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct PhoneNumber(String);
-
-impl PhoneNumber {
-    /// Parses an E.164 number, or a national one with `default_region` (ISO 3166 alpha-2, either
-    /// case). Messages name the job fields (`phoneNumber`, `defaultRegion`) and show the number
-    /// masked.
-    pub fn parse(raw: &str, default_region: Option<&str>) -> Result<Self, String> {
-        let region = default_region.map(parse_region).transpose()?;
-        if raw.chars().count() > MAX_PHONE_CHARS {
-            return Err(format!(
-                "phoneNumber is longer than {MAX_PHONE_CHARS} characters"
-            ));
-        }
-        let invalid = || {
-            format!(
-                "phoneNumber {:?} is not a valid phone number (expected E.164 like +14155552671, \
-                 or a national number with defaultRegion)",
-                mask_phone(raw)
-            )
-        };
-        // Digits and the usual separators only: this is all a dialable number needs, and it keeps
-        // letters, extensions and URIs (which libphonenumber would try to interpret) out.
-        let digits = raw.strip_prefix('+').unwrap_or(raw);
-        if !digits
-            .chars()
-            .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '-' | '.' | '(' | ')' | '/'))
-        {
-            return Err(invalid());
-        }
-        // The parser has panicked on odd input in past releases (rust-phonenumber #32, #43); a job
-        // must never take the worker down, so a panic here is a rejection like any other.
-        let parsed = std::panic::catch_unwind(|| {
-            let number = phonenumber::parse(region, raw).ok()?;
-            if number.extension().is_some() || !phonenumber::is_valid(&number) {
-                return None;
-            }
-            let mut e164 = String::new();
-            // Formatting fails only for a country code without metadata, which `is_valid` excludes.
-            write!(
-                e164,
-                "{}",
-                phonenumber::format(&number).mode(phonenumber::Mode::E164)
-            )
-            .ok()?;
-            Some(e164)
-        });
-        match parsed {
-            Ok(Some(e164)) => Ok(Self(e164)),
-            _ => Err(invalid()),
-        }
-    }
-
-    /// The real number, E.164: for Genesys and the result event, never for logs.
-    pub fn e164(&self) -> &str {
-        &self.0
-    }
-
-    /// The real number, E.164 (the same as [`PhoneNumber::e164`]).
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The number masked for logs (`+14*******71`).
-    pub fn masked(&self) -> String {
-        mask_phone(&self.0)
-    }
-}
-
-impl fmt::Debug for PhoneNumber {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("PhoneNumber").field(&self.masked()).finish()
-    }
-}
-
-impl fmt::Display for PhoneNumber {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.masked())
-    }
-}
-
-/// A checked dial job (contract §3).
+/// A checked dial job (docs/jobs-and-events.md §2).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DialJob {
     /// The idempotency key: the body's `jobId`, else the AMQP `message_id`.
@@ -210,6 +137,18 @@ pub struct DialJob {
 }
 
 impl DialJob {
+    /// Why the job may not wait for its `notBefore`: it is further than
+    /// [`NOT_BEFORE_HORIZON`] after `now`. A message naming the field, or `None`.
+    pub fn beyond_horizon(&self, now: OffsetDateTime) -> Option<String> {
+        let not_before = self.not_before?;
+        (not_before - now > NOT_BEFORE_HORIZON).then(|| {
+            format!(
+                "notBefore {} is more than 7 days ahead; publish the job at most 7 days before its time",
+                not_before.format(&Rfc3339).unwrap_or_default()
+            )
+        })
+    }
+
     /// The body of the place-call request: the job's fields, with `dialerJobId` = the job id
     /// added to the attributes so the conversation can be traced back to the job.
     pub fn create_call_request(&self) -> CreateCallRequest {
@@ -282,7 +221,7 @@ impl fmt::Display for RejectionKind {
     }
 }
 
-/// Parses a message body into a [`DialJob`] (contract §3). `message_id` is the AMQP property,
+/// Parses a message body into a [`DialJob`] (docs/jobs-and-events.md §2). `message_id` is the AMQP property,
 /// used as the job id when the body has none.
 pub fn parse_job(body: &[u8], message_id: Option<&str>) -> Result<DialJob, Rejection> {
     // An empty message_id is what some clients send when they mean none.
@@ -451,307 +390,39 @@ pub fn warm_up() {
     let _ = PhoneNumber::parse("+14155552671", None);
 }
 
-/// The top level of a body, read in one pass: an object (with the first name that appeared twice,
-/// if any), or the kind of JSON value it was instead.
-enum Body {
-    Object {
-        fields: Map<String, Value>,
-        repeated: Option<String>,
-    },
-    Other(&'static str),
-}
-
-impl<'de> Deserialize<'de> for Body {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(BodyVisitor)
-    }
-}
-
-struct BodyVisitor;
-
-impl<'de> Visitor<'de> for BodyVisitor {
-    type Value = Body;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Body, E> {
-        Ok(Body::Other("boolean"))
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Body, E> {
-        Ok(Body::Other("number"))
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Body, E> {
-        Ok(Body::Other("number"))
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Body, E> {
-        Ok(Body::Other("number"))
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Body, E> {
-        Ok(Body::Other("string"))
-    }
-
-    fn visit_unit<E>(self) -> Result<Body, E> {
-        Ok(Body::Other("null"))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Body, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Body::Other("array"))
-    }
-
-    // Most JSON readers keep the last of two equal names silently; a job naming `phoneNumber`
-    // twice is ambiguous, so it is noticed here and rejected.
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body, A::Error> {
-        let mut fields = Map::new();
-        let mut repeated = None;
-        while let Some((name, value)) = map.next_entry::<String, Value>()? {
-            if fields.contains_key(&name) && repeated.is_none() {
-                repeated = Some(name.clone());
-            }
-            fields.insert(name, value);
-        }
-        Ok(Body::Object { fields, repeated })
-    }
-}
-
-/// An optional string field: absent and `null` are `None`; empty or longer than `max` characters
-/// is an error, as is any other JSON type.
-fn string<'a>(
-    fields: &'a Map<String, Value>,
-    name: &str,
-    max: usize,
-) -> Result<Option<&'a str>, String> {
-    match fields.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(value)) if value.is_empty() => Err(format!(
-            "{name} is empty (leave it out, or send null, when there is none)"
-        )),
-        Some(Value::String(value)) if value.chars().count() > max => {
-            Err(format!("{name} is longer than {max} characters"))
-        }
-        Some(Value::String(value)) => Ok(Some(value)),
-        Some(other) => Err(format!("{name} must be a string, not {}", json_kind(other))),
-    }
-}
-
-/// `priority`: a whole number that fits an i32. `5.0` counts as whole, as JSON Schema's
-/// `integer` says.
-fn priority(fields: &Map<String, Value>) -> Result<Option<i32>, String> {
-    let number = match fields.get("priority") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Number(number)) => number,
-        Some(other) => {
-            return Err(format!(
-                "priority must be an integer, not {}",
-                json_kind(other)
-            ));
-        }
-    };
-    let whole = number.as_i64().or_else(|| {
-        number
-            .as_f64()
-            .filter(|f| f.fract() == 0.0 && f.abs() <= i64::MAX as f64)
-            .map(|f| f as i64)
-    });
-    whole
-        .and_then(|value| i32::try_from(value).ok())
-        .map(Some)
-        .ok_or_else(|| {
-            format!(
-                "priority {number} is not a whole number from {} to {}",
-                i32::MIN,
-                i32::MAX
-            )
-        })
-}
-
-/// `attributes`: an object of string to string, without `dialerJobId`.
-fn attributes(fields: &Map<String, Value>) -> Result<BTreeMap<String, String>, String> {
-    let object = match fields.get("attributes") {
-        None | Some(Value::Null) => return Ok(BTreeMap::new()),
-        Some(Value::Object(object)) => object,
-        Some(other) => {
-            return Err(format!(
-                "attributes must be an object of strings, not {}",
-                json_kind(other)
-            ));
-        }
-    };
-    if object.len() > MAX_ATTRIBUTES {
-        return Err(format!(
-            "attributes has {} entries; at most {MAX_ATTRIBUTES} are accepted",
-            object.len()
-        ));
-    }
-    let mut attributes = BTreeMap::new();
-    for (name, value) in object {
-        if name == JOB_ID_ATTRIBUTE {
-            return Err(format!(
-                "attributes may not set {JOB_ID_ATTRIBUTE}: the worker adds it (= jobId)"
-            ));
-        }
-        if name.is_empty() || name.chars().count() > MAX_ATTRIBUTE_NAME_CHARS {
-            return Err(format!(
-                "attribute name {} must have 1 to {MAX_ATTRIBUTE_NAME_CHARS} characters",
-                shown(name)
-            ));
-        }
-        let Value::String(value) = value else {
-            return Err(format!(
-                "attribute {} must be a string, not {}",
-                shown(name),
-                json_kind(value)
-            ));
-        };
-        if value.chars().count() > MAX_ATTRIBUTE_VALUE_CHARS {
-            return Err(format!(
-                "attribute {} is longer than {MAX_ATTRIBUTE_VALUE_CHARS} characters",
-                shown(name)
-            ));
-        }
-        attributes.insert(name.clone(), value.clone());
-    }
-    Ok(attributes)
-}
-
-/// `notBefore` / `expiresAt`: RFC 3339 with an offset, date and time separated by `T`.
-fn instant(fields: &Map<String, Value>, name: &str) -> Result<Option<OffsetDateTime>, String> {
-    let Some(raw) = string(fields, name, MAX_TEXT_CHARS)? else {
-        return Ok(None);
-    };
-    // time's parser takes any separator (RFC 3339 allows a space "for readability"); the job
-    // format and its schema say `T`, so one spelling is accepted everywhere.
-    let separator_ok = matches!(raw.as_bytes().get(10), Some(b'T' | b't'));
-    match OffsetDateTime::parse(raw, &Rfc3339) {
-        Ok(at) if separator_ok => Ok(Some(at)),
-        _ => Err(format!(
-            "{name} {} is not an RFC 3339 time (expected e.g. 2026-03-01T09:30:00Z or \
-             2026-03-01T10:30:00+01:00)",
-            shown(raw)
-        )),
-    }
-}
-
-/// `defaultRegion`: an ISO 3166 alpha-2 code libphonenumber has metadata for.
-fn parse_region(raw: &str) -> Result<phonenumber::country::Id, String> {
-    let upper = raw.to_ascii_uppercase();
-    let known = upper.len() == 2 && upper.bytes().all(|b| b.is_ascii_uppercase());
-    known
-        .then(|| upper.parse::<phonenumber::country::Id>().ok())
-        .flatten()
-        .ok_or_else(|| {
-            format!(
-                "defaultRegion {} is not a known region (expected an ISO 3166 alpha-2 code like GB)",
-                shown(raw)
-            )
-        })
-}
-
-/// The light check of `agentEmail`: the directory lookup is the real one.
-fn check_email(raw: &str) -> Result<String, String> {
-    let well_formed = match raw.split_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty()
-                && !domain.is_empty()
-                && !domain.contains('@')
-                && !raw.chars().any(|c| c.is_whitespace() || c.is_control())
-        }
-        None => false,
-    };
-    if well_formed {
-        Ok(raw.to_owned())
-    } else {
-        Err(format!(
-            "agentEmail {} is not an email address (expected one @ with text on both sides, no spaces)",
-            shown(raw)
-        ))
-    }
-}
-
-fn not_a_uuid(name: &str, raw: &str) -> String {
-    format!(
-        "{name} {} is not a UUID (expected 8-4-4-4-12 hex digits)",
-        shown(raw)
-    )
-}
-
-/// Names the unknown field, and the known one it most likely meant when only case or
-/// separators differ (`phone_number`, `PhoneNumber`).
-fn unknown_field_message(name: &str) -> String {
-    let folded: String = name
-        .chars()
-        .filter(|c| !matches!(c, '_' | '-' | ' '))
-        .collect();
-    match FIELDS
-        .iter()
-        .find(|known| known.eq_ignore_ascii_case(&folded))
-    {
-        Some(known) => format!("unknown field {}; did you mean {known}?", shown(name)),
-        None => format!(
-            "unknown field {}; the accepted fields are {}",
-            shown(name),
-            FIELDS.join(", ")
-        ),
-    }
-}
-
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// At most [`MAX_SHOWN_CHARS`] of `raw`, with `...` when cut.
-fn cut(raw: &str) -> String {
-    match raw.char_indices().nth(MAX_SHOWN_CHARS) {
-        Some((end, _)) => format!("{}...", &raw[..end]),
-        None => raw.to_owned(),
-    }
-}
-
-/// `raw` quoted for a message, cut short.
-fn shown(raw: &str) -> String {
-    format!("{:?}", cut(raw))
-}
-
+/// Jobs for the tests of this module and its parts.
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod test_support {
+    pub(super) use super::*;
 
-    const USER: &str = "8f9a1c2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
-    const QUEUE: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    pub(crate) const USER: &str = "8f9a1c2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+    pub(crate) const QUEUE: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 
-    fn parse(value: serde_json::Value) -> Result<DialJob, Rejection> {
+    pub(crate) fn parse(value: serde_json::Value) -> Result<DialJob, Rejection> {
         parse_job(value.to_string().as_bytes(), None)
     }
 
-    fn minimal() -> serde_json::Value {
+    pub(crate) fn minimal() -> serde_json::Value {
         serde_json::json!({"jobId": "job-1", "agentUserId": USER, "phoneNumber": "+14155552671"})
     }
 
-    fn with(field: &str, value: serde_json::Value) -> serde_json::Value {
+    pub(crate) fn with(field: &str, value: serde_json::Value) -> serde_json::Value {
         let mut job = minimal();
         job[field] = value;
         job
     }
 
-    fn rejected(value: serde_json::Value) -> Rejection {
+    pub(crate) fn rejected(value: serde_json::Value) -> Rejection {
         match parse(value.clone()) {
             Ok(job) => panic!("{value} was accepted: {job:?}"),
             Err(rejection) => rejection,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
 
     #[test]
     fn a_minimal_job_is_accepted() {
@@ -799,105 +470,6 @@ mod tests {
             job.expires_at,
             Some(time::macros::datetime!(2026-03-01 17:00 UTC))
         );
-    }
-
-    #[test]
-    fn null_is_the_same_as_absent() {
-        let mut job = minimal();
-        for field in [
-            "agentEmail",
-            "callerId",
-            "priority",
-            "attributes",
-            "notBefore",
-            "defaultRegion",
-        ] {
-            job[field] = serde_json::Value::Null;
-        }
-        assert!(parse(job).is_ok());
-    }
-
-    #[test]
-    fn numbers_are_normalised_to_e164() {
-        let job = parse(with("phoneNumber", "+1 (415) 555-2671".into())).unwrap();
-        assert_eq!(job.phone_number.e164(), "+14155552671");
-        assert_eq!(job.phone_number.as_str(), "+14155552671");
-        let national = PhoneNumber::parse("(415) 555-2671", Some("US")).unwrap();
-        assert_eq!(national.e164(), "+14155552671");
-        // An E.164 number needs no region, and a region does not change it.
-        assert_eq!(
-            PhoneNumber::parse("+442071838750", Some("US"))
-                .unwrap()
-                .e164(),
-            "+442071838750"
-        );
-    }
-
-    #[test]
-    fn bad_numbers_and_regions_are_rejected() {
-        for (number, region) in [
-            ("12345", None),
-            ("4155552671", None),
-            ("+1415555", None),
-            ("+14155552671 ext. 12", None),
-            ("tel:+14155552671", None),
-            ("+1 415 FLOWERS", None),
-            ("  2 22#:", None),
-            ("003-836-4618x3001", Some("CH")),
-            ("07700 900123", Some("ZZ")),
-            ("07700 900123", Some("GBR")),
-        ] {
-            let rejection = rejected(
-                with("phoneNumber", number.into())
-                    .as_object()
-                    .map(|o| {
-                        let mut o = o.clone();
-                        if let Some(region) = region {
-                            o.insert("defaultRegion".into(), region.into());
-                        }
-                        serde_json::Value::Object(o)
-                    })
-                    .unwrap(),
-            );
-            assert_eq!(rejection.kind, RejectionKind::InvalidField, "{number}");
-            let field = if region.is_some_and(|r| r != "CH") {
-                "defaultRegion"
-            } else {
-                "phoneNumber"
-            };
-            assert!(
-                rejection.message.starts_with(field),
-                "{}",
-                rejection.message
-            );
-            assert_eq!(rejection.job_id.as_deref(), Some("job-1"));
-        }
-        let rejection = rejected(with("phoneNumber", "12345".into()));
-        assert_eq!(
-            rejection.message,
-            "phoneNumber \"*****\" is not a valid phone number (expected E.164 like +14155552671, \
-             or a national number with defaultRegion)"
-        );
-    }
-
-    #[test]
-    fn messages_show_numbers_masked() {
-        let rejection = rejected(with("phoneNumber", "+1415555267".into()));
-        assert!(
-            rejection.message.contains("+14******67"),
-            "{}",
-            rejection.message
-        );
-        assert!(!rejection.message.contains("\"+1415555267\""));
-    }
-
-    #[test]
-    fn phone_numbers_print_masked() {
-        let number = PhoneNumber::parse("+14155552671", None).unwrap();
-        assert_eq!(format!("{number:?}"), "PhoneNumber(\"+14*******71\")");
-        assert_eq!(number.to_string(), "+14*******71");
-        let job = parse(minimal()).unwrap();
-        assert!(!format!("{job:?}").contains("5552671"));
     }
 
     #[test]
@@ -1005,42 +577,6 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_are_named() {
-        let rejection = rejected(with("agentEmial", "x".into()));
-        assert_eq!(rejection.kind, RejectionKind::UnknownField);
-        assert!(
-            rejection.message.contains("\"agentEmial\""),
-            "{}",
-            rejection.message
-        );
-        assert!(
-            rejection.message.contains("phoneNumber"),
-            "{}",
-            rejection.message
-        );
-        let rejection = rejected(with("phone_number", "x".into()));
-        assert!(
-            rejection.message.ends_with("did you mean phoneNumber?"),
-            "{}",
-            rejection.message
-        );
-    }
-
-    #[test]
-    fn a_field_given_twice_is_rejected() {
-        let body = br#"{"jobId":"j","agentUserId":"8f9a1c2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b",
-            "phoneNumber":"+14155552671","phoneNumber":"+442071838750"}"#;
-        let rejection = parse_job(body, None).unwrap_err();
-        assert_eq!(rejection.kind, RejectionKind::InvalidField);
-        assert!(
-            rejection
-                .message
-                .contains("\"phoneNumber\" appears more than once")
-        );
-        assert_eq!(rejection.job_id.as_deref(), Some("j"));
-    }
-
-    #[test]
     fn the_body_job_id_wins_over_the_message_id() {
         let job = parse_job(minimal().to_string().as_bytes(), Some("m-1")).unwrap();
         assert_eq!(job.job_id.as_str(), "job-1");
@@ -1104,7 +640,7 @@ mod tests {
     }
 
     #[test]
-    fn job_ids_follow_the_contract() {
+    fn job_ids_follow_the_documented_rules() {
         assert!(JobId::parse("a").is_ok());
         assert!(JobId::parse("crm:2026-03-01_lead.42").is_ok());
         assert!(JobId::parse(&"x".repeat(128)).is_ok());
@@ -1126,97 +662,10 @@ mod tests {
     }
 
     #[test]
-    fn attributes_are_strings() {
-        for bad in [
-            serde_json::json!({"n": 1}),
-            serde_json::json!({"n": null}),
-            serde_json::json!({"": "x"}),
-            serde_json::json!(["a"]),
-            serde_json::json!({"long": "x".repeat(2049)}),
-        ] {
-            let rejection = rejected(with("attributes", bad.clone()));
-            assert!(
-                rejection.message.starts_with("attribute"),
-                "{bad}: {}",
-                rejection.message
-            );
-        }
-    }
-
-    #[test]
-    fn other_fields_are_checked() {
-        for (field, value, start) in [
-            (
-                "callFromQueueId",
-                serde_json::json!("queue-1"),
-                "callFromQueueId \"queue-1\" is not a UUID",
-            ),
-            (
-                "priority",
-                serde_json::json!(1.5),
-                "priority 1.5 is not a whole number",
-            ),
-            (
-                "priority",
-                serde_json::json!(3_000_000_000u64),
-                "priority 3000000000 is not a whole number",
-            ),
-            (
-                "priority",
-                serde_json::json!("1"),
-                "priority must be an integer, not a string",
-            ),
-            ("callerId", serde_json::json!(""), "callerId is empty"),
-            (
-                "label",
-                serde_json::json!("x".repeat(257)),
-                "label is longer than 256 characters",
-            ),
-            (
-                "uuiData",
-                serde_json::json!(7),
-                "uuiData must be a string, not a number",
-            ),
-            (
-                "notBefore",
-                serde_json::json!("2026-03-01 09:30:00Z"),
-                "notBefore \"2026-03-01 09:30:00Z\" is not an RFC 3339",
-            ),
-            (
-                "expiresAt",
-                serde_json::json!("2026-03-01T09:30:00"),
-                "expiresAt \"2026-03-01T09:30:00\" is not an RFC 3339",
-            ),
-            (
-                "jobId",
-                serde_json::json!(42),
-                "jobId must be a string, not a number",
-            ),
-        ] {
-            let rejection = rejected(with(field, value));
-            assert_eq!(rejection.kind, RejectionKind::InvalidField);
-            assert!(
-                rejection.message.starts_with(start),
-                "{}",
-                rejection.message
-            );
-        }
-        assert!(parse(with("uuiData", "x".repeat(1024).into())).is_ok());
-        assert!(parse(with("priority", (-7).into())).is_ok());
-    }
-
-    #[test]
     fn an_expiry_before_the_start_is_rejected() {
         let mut job = with("notBefore", "2026-03-01T10:00:00Z".into());
         job["expiresAt"] = "2026-03-01T11:00:00+01:00".into();
         assert_eq!(rejected(job).message, "expiresAt is not after notBefore");
-    }
-
-    #[test]
-    fn long_values_are_cut_in_messages() {
-        let rejection = rejected(with("agentUserId", "x".repeat(200).into()));
-        assert!(rejection.message.len() < 120, "{}", rejection.message);
-        assert!(rejection.message.contains("..."));
     }
 
     #[test]
@@ -1238,6 +687,20 @@ mod tests {
         );
         // The job keeps the attributes as sent, for the result event.
         assert_eq!(job.attributes.len(), 1);
+    }
+
+    #[test]
+    fn not_before_has_a_horizon() {
+        let now = OffsetDateTime::parse("2026-03-01T00:00:00Z", &Rfc3339).unwrap();
+        let at = |t: &str| parse(with("notBefore", t.into())).unwrap();
+        assert_eq!(at("2026-03-08T00:00:00Z").beyond_horizon(now), None);
+        let far = at("2026-03-08T00:00:01Z").beyond_horizon(now).unwrap();
+        assert!(
+            far.starts_with("notBefore 2026-03-08T00:00:01Z is more than 7 days ahead"),
+            "{far}"
+        );
+        assert!(at("9999-12-31T23:59:59Z").beyond_horizon(now).is_some());
+        assert_eq!(parse(minimal()).unwrap().beyond_horizon(now), None);
     }
 
     #[test]
