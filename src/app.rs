@@ -13,12 +13,16 @@ pub fn main(cli: Cli) -> ExitCode {
         Ok(format) => format,
         Err(error) => return config_error(&error),
     };
+    crate::output::exit_quietly_on_closed_stdout();
     // Commands that print a report keep the log quiet unless RUST_LOG asks otherwise.
     let default_filter = match cli.command {
         Command::Demo(_) | Command::Bench(_) | Command::Check(_) => "warn",
         _ => "info",
     };
-    telemetry::init(format, default_filter);
+    telemetry::init(
+        format,
+        &telemetry::default_filter(default_filter, cli.verbose),
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -30,8 +34,10 @@ pub fn main(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(error)) => config_error(&error),
+        // The reader of our output went away (`| head`): it has what it wanted.
+        Err(Failure::Other(error)) if crate::output::is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(Failure::Other(error)) => {
-            eprintln!("dialer: {error:#}");
+            eprintln!("dialer: {}", crate::output::error_chain(&error));
             ExitCode::FAILURE
         }
     }
@@ -125,6 +131,25 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Demo(args) => {
             let broker = config::broker_settings(&args.broker)?;
             crate::demo::run(broker, usize::from(args.jobs)).await?;
+            Ok(())
+        }
+        Command::Events(args) => {
+            let broker = config::broker_settings(&args.broker)?;
+            let format = match args.format.as_deref() {
+                Some("table") => crate::events::Format::Table,
+                Some(_) => crate::events::Format::Json,
+                None if crate::output::stdout_is_terminal() => crate::events::Format::Table,
+                None => crate::events::Format::Json,
+            };
+            let options = crate::events::Options {
+                queue: args.queue,
+                outcomes: args.outcome,
+                job_ids: args.job_id,
+                count: args.count,
+                timeout: args.timeout,
+                format,
+            };
+            crate::events::run(broker, options).await?;
             Ok(())
         }
         #[cfg(feature = "bench")]

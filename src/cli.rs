@@ -14,6 +14,10 @@ pub struct Cli {
     /// Log format: text or json (the filter is RUST_LOG, default info).
     #[arg(long, global = true, env = "DIALER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Also show the log lines of the libraries underneath (the AMQP client's own); twice for
+    /// debug detail. RUST_LOG, when set, decides instead.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -38,6 +42,36 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure throughput, rate precision, overhead and memory against a broker.
     Bench(BenchArgs),
+    /// Print result events as they arrive: a table on a terminal, NDJSON when piped.
+    Events(EventsArgs),
+}
+
+/// Flags of `dialer events`.
+#[derive(Debug, Args, Clone)]
+pub struct EventsArgs {
+    /// The broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Read this queue (e.g. a CRM's reply_to queue) instead of a temporary one bound to
+    /// `<prefix>.replies`; nothing is acknowledged, so its events stay in it.
+    #[arg(long, value_name = "QUEUE")]
+    pub queue: Option<String>,
+    /// Only events with this outcome (repeatable): placed, rejected, failed, unknown, expired,
+    /// duplicate.
+    #[arg(long, value_name = "OUTCOME", value_parser = crate::events::parse_outcome)]
+    pub outcome: Vec<crate::event::Outcome>,
+    /// Only the events of this job id (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub job_id: Vec<String>,
+    /// Exit after printing this many events (exit 1 if --timeout passes first).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Exit after this long without an event (e.g. 30s, 2m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// Output: table or json (NDJSON); default a table on a terminal, NDJSON otherwise.
+    #[arg(long, value_name = "FORMAT", value_parser = ["table", "json"])]
+    pub format: Option<String>,
 }
 
 /// Where the broker is and what the topology is called. Global, so `dialer dlq count --prefix p`

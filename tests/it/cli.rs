@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use crate::helpers::{amqp_url, spawn_sim};
 
-fn dialer() -> Command {
+pub fn dialer() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_dialer"));
     // The tests' own environment must not leak settings into the child.
     for (key, _) in std::env::vars() {
