@@ -90,7 +90,16 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Enqueue(args) => {
             let broker = config::broker_settings(&args.broker)?;
-            crate::enqueue::run(broker, args.file, !args.no_validate).await?;
+            let options = crate::enqueue::Options {
+                input: args.file,
+                format: args.format.as_deref().map(|format| match format {
+                    "csv" => crate::enqueue::Format::Csv,
+                    _ => crate::enqueue::Format::Ndjson,
+                }),
+                validate: !args.no_validate,
+                skip_invalid: args.skip_invalid,
+            };
+            crate::enqueue::run(broker, options).await?;
             Ok(())
         }
         Command::Dlq(args) => {

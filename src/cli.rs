@@ -176,8 +176,16 @@ pub struct EnqueueArgs {
     /// The broker.
     #[command(flatten)]
     pub broker: BrokerArgs,
-    /// NDJSON file of jobs, one JSON object per line (stdin when absent or `-`).
+    /// File of jobs: NDJSON (one JSON object per line) or CSV (a header row of field names);
+    /// stdin when absent or `-`.
     pub file: Option<PathBuf>,
+    /// Input format: ndjson or csv; default csv for a `.csv` file, else ndjson.
+    #[arg(long, value_name = "FORMAT", value_parser = ["ndjson", "csv"])]
+    pub format: Option<String>,
+    /// Publish the valid lines even if some are invalid (listed on stderr); by default one
+    /// invalid line publishes nothing.
+    #[arg(long)]
+    pub skip_invalid: bool,
     /// Publish lines as they are, without checking them first (the worker rejects bad ones).
     #[arg(long)]
     pub no_validate: bool,
