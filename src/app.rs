@@ -15,8 +15,14 @@ pub fn main(cli: Cli) -> ExitCode {
     };
     crate::output::exit_quietly_on_closed_stdout();
     // Commands that print a report keep the log quiet unless RUST_LOG asks otherwise.
+    // The demo's and check's own results already say what their warnings would (a rejected
+    // sample job, a refused token), so those lines stay out of the report; so does the
+    // in-process worker's warning about the memory decision store, which the demo chose, not
+    // the user. Errors still show.
     let default_filter = match cli.command {
-        Command::Demo(_) | Command::Bench(_) | Command::Check(_) => "warn",
+        Command::Demo(_) => "warn,dialer::pipeline=error,dialer::worker=error",
+        Command::Check(_) => "warn,dialer::genesys=error",
+        Command::Bench(_) => "warn",
         _ => "info",
     };
     telemetry::init(

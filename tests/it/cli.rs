@@ -92,6 +92,8 @@ async fn check_proves_the_credentials_and_permissions() {
         tokio::task::spawn_blocking(move || {
             dialer()
                 .arg("check")
+                // check's own filter: its report says what the library's warnings would.
+                .env_remove("RUST_LOG")
                 .env("DIALER_AMQP_URL", url)
                 .env("GENESYS_CLIENT_ID", "test-client")
                 .env("GENESYS_CLIENT_SECRET", secret)
@@ -108,11 +110,112 @@ async fn check_proves_the_credentials_and_permissions() {
         stdout.contains("ok   token") && stdout.contains("ok   user search"),
         "{stdout}"
     );
+    assert!(
+        !stdout.contains("conversation:call:add"),
+        "the simulator has no roles: no permissions note: {stdout}"
+    );
     let bad = run("wrong-secret").await.unwrap();
     let stdout = String::from_utf8_lossy(&bad.stdout);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("FAIL token"), "{stdout}");
-    assert!(!String::from_utf8_lossy(&bad.stderr).contains("wrong-secret"));
+    assert!(
+        stdout.contains("fix GENESYS_CLIENT_ID and GENESYS_CLIENT_SECRET"),
+        "{stdout}"
+    );
+    assert_eq!(stderr.trim(), "dialer: 1 check failed", "{stderr}");
+    assert!(!stderr.contains("wrong-secret"));
+}
+
+/// A pipe whose reader is already gone: every write into it fails with EPIPE.
+fn closed_pipe() -> std::io::PipeWriter {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    writer
+}
+
+#[tokio::test]
+async fn output_into_a_closed_pipe_ends_without_a_panic() {
+    let url = amqp_url().await;
+    let prefix = format!("test-pipe-{}", uuid::Uuid::new_v4().simple());
+    let prefix2 = prefix.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        dialer()
+            .args(["topology", "--prefix", &prefix, "--queue-type", "classic"])
+            .env("DIALER_AMQP_URL", url)
+            .stdout(closed_pipe())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        matches!(output.status.code(), Some(0 | 141)),
+        "{:?} {stderr}",
+        output.status
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
+    // It did its work before the closed pipe: the topology exists (and goes again).
+    let connection = lapin::Connection::connect(&amqp_url().await, Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let topology = dialer::broker::Topology::new(&prefix2, dialer::config::QueueType::Classic);
+    assert_eq!(
+        dialer::broker::queue_depth(&channel, &topology.jobs_queue)
+            .await
+            .unwrap(),
+        0
+    );
+    topology.delete(&channel, &[]).await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[test]
+fn help_into_a_closed_pipe_ends_without_a_panic() {
+    let output = dialer()
+        .args(["run", "--help"])
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        matches!(output.status.code(), Some(0 | 141)),
+        "{:?} {stderr}",
+        output.status
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn no_ansi_escape_reaches_output_that_is_not_a_terminal() {
+    let sim = spawn_sim(|_| {}).await;
+    let base = sim.base_url();
+    let url = amqp_url().await;
+    let output = tokio::task::spawn_blocking(move || {
+        dialer()
+            .arg("check")
+            .env("RUST_LOG", "debug")
+            .env("DIALER_AMQP_URL", url)
+            .env("GENESYS_CLIENT_ID", "test-client")
+            .env("GENESYS_CLIENT_SECRET", "wrong")
+            .env("GENESYS_API_BASE_URL", &base)
+            .env("GENESYS_LOGIN_BASE_URL", &base)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("DEBUG"), "log lines were written: {stderr}");
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    assert!(!String::from_utf8_lossy(&output.stdout).contains('\x1b'));
 }
 
 #[tokio::test]
