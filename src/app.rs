@@ -113,7 +113,18 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             let action = match args.action {
                 DlqAction::Count => crate::dlq::Action::Count,
                 DlqAction::Show { limit } => crate::dlq::Action::Show(limit),
-                DlqAction::Replay { limit } => crate::dlq::Action::Replay(limit),
+                DlqAction::Replay {
+                    limit,
+                    all,
+                    job_id,
+                    outcome,
+                    dry_run,
+                } => crate::dlq::Action::Replay(crate::dlq::Replay {
+                    limit: if all { None } else { Some(limit) },
+                    job_ids: job_id,
+                    outcomes: outcome,
+                    dry_run,
+                }),
             };
             crate::dlq::run(broker, action).await?;
             Ok(())

@@ -203,7 +203,7 @@ pub struct DlqArgs {
 }
 
 /// `dialer dlq` actions.
-#[derive(Debug, Subcommand, Clone, Copy)]
+#[derive(Debug, Subcommand, Clone)]
 pub enum DlqAction {
     /// How many jobs are dead-lettered.
     Count,
@@ -213,11 +213,26 @@ pub enum DlqAction {
         #[arg(long, default_value_t = 10)]
         limit: u32,
     },
-    /// Send the oldest dead-lettered jobs back to the jobs queue, one at a time with confirms.
+    /// Send dead-lettered jobs back to the jobs queue, oldest first, one at a time with
+    /// confirms. Only the jobs that were in the queue when it started are considered, each
+    /// at most once: a replayed job that fails again is not replayed again in the same run.
     Replay {
-        /// How many.
-        #[arg(long, default_value_t = 1)]
+        /// At most this many.
+        #[arg(long, default_value_t = 1, conflicts_with = "all")]
         limit: u32,
+        /// Every job that was in the dead-letter queue when the replay started (that match
+        /// the filters).
+        #[arg(long)]
+        all: bool,
+        /// Only the jobs with this job id (repeatable).
+        #[arg(long, value_name = "ID")]
+        job_id: Vec<String>,
+        /// Only the jobs that ended with this outcome (repeatable): rejected, failed, unknown.
+        #[arg(long, value_name = "OUTCOME", value_parser = crate::events::parse_outcome)]
+        outcome: Vec<crate::event::Outcome>,
+        /// Print what would be replayed and leave every job in place.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 

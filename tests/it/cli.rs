@@ -275,7 +275,7 @@ async fn a_failed_job_replayed_from_the_dead_letter_queue_is_tried_again() {
     );
     let replay = dlq(&["replay", "--limit", "5"]).await.unwrap();
     assert!(
-        String::from_utf8_lossy(&replay.stdout).contains("replayed 1 jobs"),
+        String::from_utf8_lossy(&replay.stdout).contains("replayed 1 job "),
         "{replay:?}"
     );
     let second = app
