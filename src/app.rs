@@ -159,6 +159,17 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             crate::demo::run(broker, usize::from(args.jobs)).await?;
             Ok(())
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            use std::io::Write as _;
+            // Generated into memory first: the generator panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "dialer", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .map_err(|e| anyhow::Error::new(e).context("printing the completions"))?;
+            Ok(())
+        }
         Command::Events(args) => {
             let broker = config::broker_settings(&args.broker)?;
             let format = match args.format.as_deref() {

@@ -27,23 +27,106 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The worker: consume dial jobs, place calls, publish result events.
+    #[command(after_help = "\
+Examples:
+  # Against the simulator (`dialer sim` in another terminal):
+  GENESYS_CLIENT_ID=demo GENESYS_CLIENT_SECRET=demo-secret \\
+  GENESYS_API_BASE_URL=http://127.0.0.1:9900 GENESYS_LOGIN_BASE_URL=http://127.0.0.1:9900 \\
+    dialer run --prefix crm-a --state-dir /tmp/dialer-state
+
+  # Against a real org (check first):
+  GENESYS_ENVIRONMENT=eu-west-1 GENESYS_CLIENT_ID=... GENESYS_CLIENT_SECRET_FILE=/run/secrets/genesys \\
+    dialer check && dialer run
+
+Every flag has the environment variable shown next to it; a bad value stops the start with one
+line naming the variable (exit 2). SIGTERM or Ctrl-C drains the jobs in flight and exits 0.")]
     Run(RunArgs),
     /// A Genesys Cloud simulator for development, tests and benchmarks.
+    #[command(after_help = "\
+Examples:
+  dialer sim                                  # http://127.0.0.1:9900, client demo / demo-secret
+  dialer sim --addr 127.0.0.1:0               # any free port; the first line says which
+  dialer sim --faults '{\"latencyMs\": 300, \"errorRate\": 0.1}'
+
+The first line printed is `listening on http://HOST:PORT`. Faults can also be changed while it
+runs with PUT /sim/faults.")]
     Sim(SimArgs),
-    /// Publish jobs from NDJSON (file or stdin) with confirms.
+    /// Publish jobs from NDJSON or CSV (file or stdin) with confirms.
+    #[command(after_help = "\
+Examples:
+  echo '{\"jobId\": \"lead-1001\", \"agentEmail\": \"agent1@example.com\", \"phoneNumber\": \"+14155552671\"}' \\
+    | dialer enqueue
+  dialer enqueue leads.ndjson
+  dialer enqueue export.csv --skip-invalid    # header row: jobId,agentEmail,phoneNumber,attributes.crmLead
+
+Every line is checked first; one bad line publishes nothing (exit 1) and is named by its line
+number. CSV columns are the job's field names (docs/jobs-and-events.md).")]
     Enqueue(EnqueueArgs),
     /// Count, show and replay dead-lettered jobs.
+    #[command(after_help = "\
+Examples:
+  dialer dlq count
+  dialer dlq show --limit 5 | less
+  dialer dlq replay --all --outcome failed --dry-run
+  dialer dlq replay --job-id lead-1001
+
+A replay only considers the jobs in the dead-letter queue when it starts, each at most once.")]
     Dlq(DlqArgs),
     /// Declare the queues and exchanges and exit.
+    #[command(after_help = "\
+Examples:
+  dialer topology --prefix crm-a
+  DIALER_AMQP_URL=amqps://user:pass@broker:5671/%2f dialer topology
+
+Idempotent: declaring an existing topology again changes nothing.")]
     Topology(BrokerArgs),
     /// Prove the configuration: broker reachable, token obtained, permissions present.
+    #[command(after_help = "\
+Examples:
+  GENESYS_ENVIRONMENT=eu-west-1 GENESYS_CLIENT_ID=... GENESYS_CLIENT_SECRET_FILE=/run/secrets/genesys \\
+    dialer check
+
+Takes the same settings as `dialer run`. One line per check; exit 1 if any failed. Nothing is
+dialled.")]
     Check(RunArgs),
     /// The simulator, a worker and sample jobs in one process, with a summary.
+    #[command(after_help = "\
+Examples:
+  dialer demo
+  dialer demo --jobs 100
+
+Needs only RabbitMQ (DIALER_AMQP_URL); uses its own queue prefix and deletes its queues.")]
     Demo(DemoArgs),
     /// Measure throughput, rate precision, overhead and memory against a broker.
+    #[command(after_help = "\
+Examples:
+  cargo build --release && ./target/release/dialer bench --json target/bench.json
+  dialer bench --quick                        # a smoke run of about 12 s
+  dialer bench --only 2,3 --rate 50")]
     Bench(BenchArgs),
     /// Print result events as they arrive: a table on a terminal, NDJSON when piped.
+    #[command(after_help = "\
+Examples:
+  dialer events                               # every event from now on, until Ctrl-C
+  dialer events --prefix crm-a --outcome failed --outcome unknown
+  dialer events --job-id lead-1001 --count 1 --timeout 2m
+  dialer events | jq -r 'select(.outcome == \"placed\") | .conversationId'
+  dialer events --queue crm-replies           # a queue of your own; its events stay in it
+
+Binds a temporary queue to <prefix>.replies, so it shows events published after it started and
+takes none from anybody else.")]
     Events(EventsArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    #[command(after_help = "\
+Examples:
+  dialer completions bash > ~/.local/share/bash-completion/completions/dialer
+  dialer completions zsh > \"${fpath[1]}/_dialer\"
+  dialer completions fish > ~/.config/fish/completions/dialer.fish")]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Flags of `dialer events`.
@@ -330,5 +413,17 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_shows_an_example_in_its_help() {
+        for command in Cli::command().get_subcommands() {
+            let help = command.get_after_help().map(|h| h.to_string());
+            assert!(
+                help.as_deref().is_some_and(|h| h.contains("Examples:\n  ")),
+                "dialer {} --help has no example",
+                command.get_name()
+            );
+        }
     }
 }

@@ -291,3 +291,22 @@ async fn a_failed_job_replayed_from_the_dead_letter_queue_is_tried_again() {
     assert_eq!(app.depth(&app.topology.dead_letter_queue).await, 0);
     app.cleanup().await;
 }
+
+#[test]
+fn bash_completions_are_valid_bash_and_know_the_commands() {
+    let output = dialer().args(["completions", "bash"]).output().unwrap();
+    assert!(output.status.success());
+    let script = String::from_utf8(output.stdout).unwrap();
+    for word in ["events", "enqueue", "--skip-invalid", "replay", "--dry-run"] {
+        assert!(script.contains(word), "{word} missing");
+    }
+    let path = std::env::temp_dir().join(format!("dialer-completions-{}.bash", std::process::id()));
+    std::fs::write(&path, &script).unwrap();
+    let check = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
