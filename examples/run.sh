@@ -20,7 +20,7 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [ -x "${python:-}" ]; then
+  if [ -n "${python:-}" ] && [ -x "$python" ]; then
     "$python" - <<'PY' || true
 import os, pika
 prefix = os.environ["DIALER_PREFIX"]
@@ -43,10 +43,21 @@ trap cleanup EXIT
 
 echo "-- installing pika (PyPI, into target/examples-venv) and amqplib (npm)"
 venv=target/examples-venv
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -c 'import pika' 2>/dev/null || "$venv/bin/pip" install -q 'pika>=1.3,<2'
-python="$venv/bin/python"
-[ -d "$here/node/node_modules/amqplib" ] || (cd "$here/node" && npm install --no-audit --no-fund --silent)
+retry() { "$@" || { echo "retrying: $*" >&2; sleep 5; "$@"; }; }
+if [ -x "$venv/bin/python" ] || python3 -m venv "$venv" 2>/dev/null; then
+  "$venv/bin/python" -c 'import pika' 2>/dev/null || retry "$venv/bin/pip" install -q 'pika>=1.3,<2'
+  python="$venv/bin/python"
+else
+  # No venv module (Debian without python3-venv): Debian's own pika for Debian's python.
+  rm -rf "$venv"
+  /usr/bin/python3 -c 'import pika' 2>/dev/null || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pika
+  }
+  python=/usr/bin/python3
+fi
+[ -d "$here/node/node_modules/amqplib" ] ||
+  (cd "$here/node" && retry npm install --no-audit --no-fund --silent)
 
 echo "-- starting the simulator and a worker (prefix $DIALER_PREFIX)"
 "$dialer" sim --addr 127.0.0.1:0 >"$work/sim.out" 2>"$work/sim.err" &
