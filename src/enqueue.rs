@@ -157,9 +157,9 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:40} {pos}/{len} jobs confirmed  {per_sec}  eta {eta}",
-    ) {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{wide_bar} {pos}/{len} jobs confirmed, eta {eta}")
+    {
         bar.set_style(style);
     }
     bar
