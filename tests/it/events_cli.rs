@@ -198,3 +198,43 @@ async fn events_into_a_closed_pipe_end_quietly() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_named_queue_is_read_without_taking_its_events() {
+    let app = spawn_app(|_| {}, |_| {}).await;
+    app.publish_job(&job("nq-1")).await;
+    // The test's own events queue (bound to the reply exchange) holds the event.
+    crate::helpers::wait_until(
+        std::time::Duration::from_secs(20),
+        "the event is in the test's queue",
+        || async { app.depth(&app.events_queue).await == 1 },
+    )
+    .await;
+    let queue = app.events_queue.clone();
+    let mut command = dialer();
+    command
+        .args([
+            "events",
+            "--queue",
+            &queue,
+            "--count",
+            "1",
+            "--timeout",
+            "20s",
+        ])
+        .env("DIALER_AMQP_URL", &app.settings.broker.amqp_url);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let event: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(event["jobId"], "nq-1");
+    crate::helpers::wait_until(
+        std::time::Duration::from_secs(10),
+        "the event is handed back to its queue",
+        || async { app.depth(&app.events_queue).await == 1 },
+    )
+    .await;
+    app.cleanup().await;
+}
