@@ -102,13 +102,15 @@ pub async fn run(broker: BrokerSettings, options: Options) -> anyhow::Result<()>
     let mut printed = 0u64;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
+    // Counted from the last event printed: events the filters pass over do not keep it alive.
+    let mut idle_until = options.timeout.map(|t| tokio::time::Instant::now() + t);
     let result = loop {
         if options.count.is_some_and(|n| printed >= n) {
             break Ok(());
         }
         let idle = async {
-            match options.timeout {
-                Some(timeout) => tokio::time::sleep(timeout).await,
+            match idle_until {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
                 None => std::future::pending().await,
             }
         };
@@ -144,6 +146,7 @@ pub async fn run(broker: BrokerSettings, options: Options) -> anyhow::Result<()>
             break Err(error);
         }
         printed += 1;
+        idle_until = options.timeout.map(|t| tokio::time::Instant::now() + t);
     };
     // Closing hands unacknowledged messages of a named queue back to it, and deletes the
     // temporary queue.
