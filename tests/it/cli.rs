@@ -310,3 +310,41 @@ fn bash_completions_are_valid_bash_and_know_the_commands() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+/// Runs `dialer ARGS` on a pseudo-terminal (util-linux `script`), returning what it showed.
+fn on_a_terminal(args: &str, env: &[(&str, &str)]) -> String {
+    let mut command = Command::new("script");
+    command
+        .args([
+            "-qec",
+            &format!("{} {args}", env!("CARGO_BIN_EXE_dialer"),),
+            "/dev/null",
+        ])
+        .stdin(Stdio::null());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("DIALER_") || key == "NO_COLOR" {
+            command.env_remove(key);
+        }
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("script(1) from util-linux runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let url = amqp_url().await;
+    let args = "events --prefix no-such-prefix-c0l0r --timeout 1s";
+    let env = [("RUST_LOG", "debug"), ("DIALER_AMQP_URL", url.as_str())];
+    let coloured = on_a_terminal(args, &env);
+    assert!(coloured.contains("DEBUG"), "{coloured}");
+    assert!(
+        coloured.contains('\x1b'),
+        "a terminal gets colour: {coloured:?}"
+    );
+    let plain = on_a_terminal(args, &[env[0], env[1], ("NO_COLOR", "1")]);
+    assert!(plain.contains("DEBUG"), "{plain}");
+    assert!(!plain.contains('\x1b'), "NO_COLOR: {plain:?}");
+}
