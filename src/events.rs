@@ -92,9 +92,7 @@ pub async fn run(broker: BrokerSettings, options: Options) -> anyhow::Result<()>
         .await
         .with_context(|| format!("consuming from {queue}"))?;
 
-    let colour = options.format == Format::Table && output::stdout_is_terminal() && {
-        std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-    };
+    let colour = options.format == Format::Table && output::stdout_colour();
     let mut stdout = std::io::stdout();
     if options.format == Format::Table {
         print_line(&mut stdout, &table_header())?;

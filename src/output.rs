@@ -9,6 +9,11 @@ pub fn stderr_colour() -> bool {
     std::io::stderr().is_terminal() && !no_color()
 }
 
+/// Whether ANSI colour may go to stdout: the same rule as for stderr.
+pub fn stdout_colour() -> bool {
+    stdout_is_terminal() && !no_color()
+}
+
 /// Whether stdout is a terminal (tables and progress bars) rather than a pipe or file (NDJSON).
 pub fn stdout_is_terminal() -> bool {
     std::io::stdout().is_terminal()
