@@ -13,12 +13,22 @@ pub fn main(cli: Cli) -> ExitCode {
         Ok(format) => format,
         Err(error) => return config_error(&error),
     };
+    crate::output::exit_quietly_on_closed_stdout();
     // Commands that print a report keep the log quiet unless RUST_LOG asks otherwise.
+    // The demo's and check's own results already say what their warnings would (a rejected
+    // sample job, a refused token), so those lines stay out of the report; so does the
+    // in-process worker's warning about the memory decision store, which the demo chose, not
+    // the user. Errors still show.
     let default_filter = match cli.command {
-        Command::Demo(_) | Command::Bench(_) | Command::Check(_) => "warn",
+        Command::Demo(_) => "warn,dialer::pipeline=error,dialer::worker=error",
+        Command::Check(_) => "warn,dialer::genesys=error",
+        Command::Bench(_) => "warn",
         _ => "info",
     };
-    telemetry::init(format, default_filter);
+    telemetry::init(
+        format,
+        &telemetry::default_filter(default_filter, cli.verbose),
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -30,8 +40,10 @@ pub fn main(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(error)) => config_error(&error),
+        // The reader of our output went away (`| head`): it has what it wanted.
+        Err(Failure::Other(error)) if crate::output::is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(Failure::Other(error)) => {
-            eprintln!("dialer: {error:#}");
+            eprintln!("dialer: {}", crate::output::error_chain(&error));
             ExitCode::FAILURE
         }
     }
@@ -84,7 +96,16 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Enqueue(args) => {
             let broker = config::broker_settings(&args.broker)?;
-            crate::enqueue::run(broker, args.file, !args.no_validate).await?;
+            let options = crate::enqueue::Options {
+                input: args.file,
+                format: args.format.as_deref().map(|format| match format {
+                    "csv" => crate::enqueue::Format::Csv,
+                    _ => crate::enqueue::Format::Ndjson,
+                }),
+                validate: !args.no_validate,
+                skip_invalid: args.skip_invalid,
+            };
+            crate::enqueue::run(broker, options).await?;
             Ok(())
         }
         Command::Dlq(args) => {
@@ -98,7 +119,18 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                     limit,
                     show_numbers,
                 },
-                DlqAction::Replay { limit } => crate::dlq::Action::Replay(limit),
+                DlqAction::Replay {
+                    limit,
+                    all,
+                    job_id,
+                    outcome,
+                    dry_run,
+                } => crate::dlq::Action::Replay(crate::dlq::Replay {
+                    limit: if all { None } else { Some(limit) },
+                    job_ids: job_id,
+                    outcomes: outcome,
+                    dry_run,
+                }),
             };
             crate::dlq::run(broker, action).await?;
             Ok(())
@@ -138,6 +170,36 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Demo(args) => {
             let broker = config::broker_settings(&args.broker)?;
             crate::demo::run(broker, usize::from(args.jobs)).await?;
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            use std::io::Write as _;
+            // Generated into memory first: the generator panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "dialer", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .map_err(|e| anyhow::Error::new(e).context("printing the completions"))?;
+            Ok(())
+        }
+        Command::Events(args) => {
+            let broker = config::broker_settings(&args.broker)?;
+            let format = match args.format.as_deref() {
+                Some("table") => crate::events::Format::Table,
+                Some(_) => crate::events::Format::Json,
+                None if crate::output::stdout_is_terminal() => crate::events::Format::Table,
+                None => crate::events::Format::Json,
+            };
+            let options = crate::events::Options {
+                queue: args.queue,
+                outcomes: args.outcome,
+                job_ids: args.job_id,
+                count: args.count,
+                timeout: args.timeout,
+                format,
+            };
+            crate::events::run(broker, options).await?;
             Ok(())
         }
         #[cfg(feature = "bench")]

@@ -26,7 +26,11 @@ pub async fn run(settings: &RunSettings) -> anyhow::Result<()> {
             report(channel.is_ok(), "broker", format!("connected to {url}"));
             let _ = connection.close(200, "check done".into()).await;
         }
-        Err(error) => report(false, "broker", error.to_string()),
+        Err(error) => report(
+            false,
+            "broker",
+            format!("{error}; fix DIALER_AMQP_URL (--amqp-url)"),
+        ),
     }
 
     let gate = Arc::new(RateGate::new(settings.rate_limit, settings.rate_burst));
@@ -41,7 +45,7 @@ pub async fn run(settings: &RunSettings) -> anyhow::Result<()> {
                 "client credentials accepted by {}",
                 settings.genesys.login_base
             ),
-            Err(error) => error.to_string(),
+            Err(error) => format!("{error}{}", token_advice(&error)),
         },
     );
     if token_ok {
@@ -67,11 +71,58 @@ pub async fn run(settings: &RunSettings) -> anyhow::Result<()> {
             Err(error) => report(false, "user search", error.to_string()),
         }
     }
-    println!(
-        "note placing calls needs conversation:call:add or conversation:agentlessCall:add on the OAuth client's role; it is only exercised by a real call, so check does not test it"
-    );
+    // The simulator (a loopback base URL) has no roles: the note would only mislead there.
+    if !is_loopback(&settings.genesys.api_base) {
+        println!(
+            "note placing calls needs conversation:call:add or conversation:agentlessCall:add on the OAuth client's role; it is only exercised by a real call, so check does not test it"
+        );
+    }
     if failures > 0 {
-        anyhow::bail!("{failures} check(s) failed");
+        anyhow::bail!(
+            "{} failed",
+            crate::output::count(failures as u64, "check", "checks")
+        );
     }
     Ok(())
+}
+
+/// Which settings to look at when no token could be had.
+fn token_advice(error: &GenesysError) -> &'static str {
+    match error {
+        GenesysError::CredentialsRefused { .. } => {
+            "; fix GENESYS_CLIENT_ID and GENESYS_CLIENT_SECRET (or GENESYS_CLIENT_SECRET_FILE): they must be an OAuth client of this org with the Client Credentials grant"
+        }
+        GenesysError::Connect(_) | GenesysError::Timeout | GenesysError::Transport(_) => {
+            "; check GENESYS_ENVIRONMENT (or GENESYS_LOGIN_BASE_URL) and the network path to it"
+        }
+        _ => "",
+    }
+}
+
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_simulator_is_recognised_by_its_loopback_address() {
+        for local in [
+            "http://127.0.0.1:9900",
+            "http://localhost:1",
+            "http://[::1]:2",
+        ] {
+            assert!(is_loopback(&url::Url::parse(local).unwrap()), "{local}");
+        }
+        assert!(!is_loopback(
+            &url::Url::parse("https://api.mypurecloud.ie").unwrap()
+        ));
+    }
 }

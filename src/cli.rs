@@ -14,6 +14,10 @@ pub struct Cli {
     /// Log format: text or json (the filter is RUST_LOG, default info).
     #[arg(long, global = true, env = "DIALER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Also show the log lines of the libraries underneath (the AMQP client's own); twice for
+    /// debug detail. RUST_LOG, when set, decides instead.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -23,21 +27,134 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The worker: consume dial jobs, place calls, publish result events.
+    #[command(after_help = "\
+Examples:
+  # Against the simulator (`dialer sim` in another terminal):
+  GENESYS_CLIENT_ID=demo GENESYS_CLIENT_SECRET=demo-secret \\
+  GENESYS_API_BASE_URL=http://127.0.0.1:9900 GENESYS_LOGIN_BASE_URL=http://127.0.0.1:9900 \\
+    dialer run --prefix crm-a --state-dir /tmp/dialer-state
+
+  # Against a real org (check first):
+  GENESYS_ENVIRONMENT=eu-west-1 GENESYS_CLIENT_ID=... GENESYS_CLIENT_SECRET_FILE=/run/secrets/genesys \\
+    dialer check && dialer run
+
+Every flag has the environment variable shown next to it; a bad value stops the start with one
+line naming the variable (exit 2). SIGTERM or Ctrl-C drains the jobs in flight and exits 0.")]
     Run(RunArgs),
     /// A Genesys Cloud simulator for development, tests and benchmarks.
+    #[command(after_help = "\
+Examples:
+  dialer sim                                  # http://127.0.0.1:9900, client demo / demo-secret
+  dialer sim --addr 127.0.0.1:0               # any free port; the first line says which
+  dialer sim --faults '{\"latencyMs\": 300, \"errorRate\": 0.1}'
+
+The first line printed is `listening on http://HOST:PORT`. Faults can also be changed while it
+runs with PUT /sim/faults.")]
     Sim(SimArgs),
-    /// Publish jobs from NDJSON (file or stdin) with confirms.
+    /// Publish jobs from NDJSON or CSV (file or stdin) with confirms.
+    #[command(after_help = "\
+Examples:
+  echo '{\"jobId\": \"lead-1001\", \"agentEmail\": \"agent1@example.com\", \"phoneNumber\": \"+14155552671\"}' \\
+    | dialer enqueue
+  dialer enqueue leads.ndjson
+  dialer enqueue export.csv --skip-invalid    # header row: jobId,agentEmail,phoneNumber,attributes.crmLead
+
+Every line is checked first; one bad line publishes nothing (exit 1) and is named by its line
+number. CSV columns are the job's field names (docs/jobs-and-events.md).")]
     Enqueue(EnqueueArgs),
     /// Count, show and replay dead-lettered jobs.
+    #[command(after_help = "\
+Examples:
+  dialer dlq count
+  dialer dlq show --limit 5 | less
+  dialer dlq replay --all --outcome failed --dry-run
+  dialer dlq replay --job-id lead-1001
+
+A replay only considers the jobs in the dead-letter queue when it starts, each at most once.")]
     Dlq(DlqArgs),
     /// Declare the queues and exchanges and exit.
+    #[command(after_help = "\
+Examples:
+  dialer topology --prefix crm-a
+  DIALER_AMQP_URL=amqps://user:pass@broker:5671/%2f dialer topology
+
+Idempotent: declaring an existing topology again changes nothing.")]
     Topology(BrokerArgs),
     /// Prove the configuration: broker reachable, token obtained, permissions present.
+    #[command(after_help = "\
+Examples:
+  GENESYS_ENVIRONMENT=eu-west-1 GENESYS_CLIENT_ID=... GENESYS_CLIENT_SECRET_FILE=/run/secrets/genesys \\
+    dialer check
+
+Takes the same settings as `dialer run`. One line per check; exit 1 if any failed. Nothing is
+dialled.")]
     Check(RunArgs),
     /// The simulator, a worker and sample jobs in one process, with a summary.
+    #[command(after_help = "\
+Examples:
+  dialer demo
+  dialer demo --jobs 100
+
+Needs only RabbitMQ (DIALER_AMQP_URL); uses its own queue prefix and deletes its queues.")]
     Demo(DemoArgs),
     /// Measure throughput, rate precision, overhead and memory against a broker.
+    #[command(after_help = "\
+Examples:
+  cargo build --release && ./target/release/dialer bench --json target/bench.json
+  dialer bench --quick                        # a smoke run of about 12 s
+  dialer bench --only 2,3 --rate 50")]
     Bench(BenchArgs),
+    /// Print result events as they arrive: a table on a terminal, NDJSON when piped.
+    #[command(after_help = "\
+Examples:
+  dialer events                               # every event from now on, until Ctrl-C
+  dialer events --prefix crm-a --outcome failed --outcome unknown
+  dialer events --job-id lead-1001 --count 1 --timeout 2m
+  dialer events | jq -r 'select(.outcome == \"placed\") | .conversationId'
+  dialer events --queue crm-replies           # a queue of your own; its events stay in it
+
+Binds a temporary queue to <prefix>.replies, so it shows events published after it started and
+takes none from anybody else.")]
+    Events(EventsArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    #[command(after_help = "\
+Examples:
+  dialer completions bash > ~/.local/share/bash-completion/completions/dialer
+  dialer completions zsh > \"${fpath[1]}/_dialer\"
+  dialer completions fish > ~/.config/fish/completions/dialer.fish")]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Flags of `dialer events`.
+#[derive(Debug, Args, Clone)]
+pub struct EventsArgs {
+    /// The broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Read this queue (e.g. a CRM's reply_to queue) instead of a temporary one bound to
+    /// `<prefix>.replies`; nothing is acknowledged, so its events stay in it.
+    #[arg(long, value_name = "QUEUE")]
+    pub queue: Option<String>,
+    /// Only events with this outcome (repeatable): placed, rejected, failed, unknown, expired,
+    /// duplicate.
+    #[arg(long, value_name = "OUTCOME", value_parser = crate::events::parse_outcome)]
+    pub outcome: Vec<crate::event::Outcome>,
+    /// Only the events of this job id (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub job_id: Vec<String>,
+    /// Exit after printing this many events (exit 1 if --timeout passes first).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Exit after this long without an event (e.g. 30s, 2m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// Output: table or json (NDJSON); default a table on a terminal, NDJSON otherwise.
+    #[arg(long, value_name = "FORMAT", value_parser = ["table", "json"])]
+    pub format: Option<String>,
 }
 
 /// Where the broker is and what the topology is called. Global, so `dialer dlq count --prefix p`
@@ -142,8 +259,16 @@ pub struct EnqueueArgs {
     /// The broker.
     #[command(flatten)]
     pub broker: BrokerArgs,
-    /// NDJSON file of jobs, one JSON object per line (stdin when absent or `-`).
+    /// File of jobs: NDJSON (one JSON object per line) or CSV (a header row of field names);
+    /// stdin when absent or `-`.
     pub file: Option<PathBuf>,
+    /// Input format: ndjson or csv; default csv for a `.csv` file, else ndjson.
+    #[arg(long, value_name = "FORMAT", value_parser = ["ndjson", "csv"])]
+    pub format: Option<String>,
+    /// Publish the valid lines even if some are invalid (listed on stderr); by default one
+    /// invalid line publishes nothing.
+    #[arg(long)]
+    pub skip_invalid: bool,
     /// Publish lines as they are, without checking them first (the worker rejects bad ones).
     #[arg(long)]
     pub no_validate: bool,
@@ -161,7 +286,7 @@ pub struct DlqArgs {
 }
 
 /// `dialer dlq` actions.
-#[derive(Debug, Subcommand, Clone, Copy)]
+#[derive(Debug, Subcommand, Clone)]
 pub enum DlqAction {
     /// How many jobs are dead-lettered.
     Count,
@@ -174,11 +299,26 @@ pub enum DlqAction {
         #[arg(long)]
         show_numbers: bool,
     },
-    /// Send the oldest dead-lettered jobs back to the jobs queue, one at a time with confirms.
+    /// Send dead-lettered jobs back to the jobs queue, oldest first, one at a time with
+    /// confirms. Only the jobs that were in the queue when it started are considered, each
+    /// at most once: a replayed job that fails again is not replayed again in the same run.
     Replay {
-        /// How many.
-        #[arg(long, default_value_t = 1)]
+        /// At most this many.
+        #[arg(long, default_value_t = 1, conflicts_with = "all")]
         limit: u32,
+        /// Every job that was in the dead-letter queue when the replay started (that match
+        /// the filters).
+        #[arg(long)]
+        all: bool,
+        /// Only the jobs with this job id (repeatable).
+        #[arg(long, value_name = "ID")]
+        job_id: Vec<String>,
+        /// Only the jobs that ended with this outcome (repeatable): rejected, failed, unknown.
+        #[arg(long, value_name = "OUTCOME", value_parser = crate::events::parse_outcome)]
+        outcome: Vec<crate::event::Outcome>,
+        /// Print what would be replayed and leave every job in place.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -276,5 +416,17 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_shows_an_example_in_its_help() {
+        for command in Cli::command().get_subcommands() {
+            let help = command.get_after_help().map(|h| h.to_string());
+            assert!(
+                help.as_deref().is_some_and(|h| h.contains("Examples:\n  ")),
+                "dialer {} --help has no example",
+                command.get_name()
+            );
+        }
     }
 }

@@ -20,7 +20,7 @@ const PHONE_LIKE_DIGITS: usize = 7;
 const TIME_FIELDS: [&str; 2] = ["notBefore", "expiresAt"];
 
 /// What to do with the dead-letter queue.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Action {
     /// Print how many jobs are dead-lettered.
     Count,
@@ -31,8 +31,29 @@ pub enum Action {
         /// Print phone numbers in full.
         show_numbers: bool,
     },
-    /// Send up to this many back to the jobs queue.
-    Replay(u32),
+    /// Send some back to the jobs queue.
+    Replay(Replay),
+}
+
+/// Which dead letters a replay sends back.
+#[derive(Clone, Debug, Default)]
+pub struct Replay {
+    /// At most this many; `None`: every one that was there when the replay started.
+    pub limit: Option<u32>,
+    /// Only these job ids (`x-dialer-job-id`; all when empty).
+    pub job_ids: Vec<String>,
+    /// Only these outcomes (`x-dialer-outcome`; all when empty).
+    pub outcomes: Vec<crate::event::Outcome>,
+    /// Print what would be replayed, replay nothing.
+    pub dry_run: bool,
+}
+
+impl Replay {
+    fn wants(&self, job_id: Option<&str>, outcome: Option<&str>) -> bool {
+        (self.job_ids.is_empty() || job_id.is_some_and(|id| self.job_ids.iter().any(|w| w == id)))
+            && (self.outcomes.is_empty()
+                || outcome.is_some_and(|o| self.outcomes.iter().any(|w| w.as_str() == o)))
+    }
 }
 
 /// Runs `action` against the dead-letter queue of `broker`'s prefix.
@@ -79,16 +100,42 @@ pub async fn run(broker: BrokerSettings, action: Action) -> anyhow::Result<()> {
             let _ = channel.close(200, "shown".into()).await;
             println!("({count} jobs in {queue}; shown ones left in place)");
         }
-        Action::Replay(limit) => {
-            let mut replayed = 0;
-            while replayed < limit {
+        Action::Replay(replay) => {
+            // Only the `count` messages that were there at the start are looked at: a replayed
+            // job that is dead-lettered again joins the tail and is not met again in this run.
+            // Messages passed over stay unacknowledged, so `basic_get` does not return them
+            // twice; closing the channel puts them back in place, in order.
+            let limit = replay.limit.unwrap_or(u32::MAX);
+            let mut replayed = 0u32;
+            let mut examined = 0u32;
+            let mut seen = std::collections::HashSet::new();
+            while replayed < limit && examined < count {
                 let Some(message) = channel
                     .basic_get(queue.into(), BasicGetOptions { no_ack: false })
                     .await?
                 else {
                     break;
                 };
+                examined += 1;
                 let delivery = &message.delivery;
+                let dead = DeadLetter::read(&delivery.properties);
+                // Belt and braces for a queue another client requeues into meanwhile: the same
+                // job and body are never sent twice by one run.
+                let identity = (dead.job_id.clone(), delivery.data.clone());
+                if !replay.wants(dead.job_id.as_deref(), Some(dead.outcome.as_str()))
+                    || !seen.insert(identity)
+                {
+                    continue;
+                }
+                if replay.dry_run {
+                    println!(
+                        "would replay job {} (outcome {})",
+                        dead.job_id.as_deref().unwrap_or("-"),
+                        dead.outcome
+                    );
+                    replayed += 1;
+                    continue;
+                }
                 let properties =
                     headers::replayed(&delivery.properties, time::OffsetDateTime::now_utc());
                 // Through the internal route: the only one on which the worker believes the
@@ -114,10 +161,17 @@ pub async fn run(broker: BrokerSettings, action: Action) -> anyhow::Result<()> {
                     .context("removing the replayed job from the dead-letter queue")?;
                 replayed += 1;
             }
-            println!(
-                "replayed {replayed} jobs from {queue} to {}",
-                topology.jobs_queue
-            );
+            let _ = channel.close(200, "replayed".into()).await;
+            let jobs = crate::output::count(replayed, "job", "jobs");
+            if replay.dry_run {
+                println!("dry run: would replay {jobs} from {queue}; nothing was changed");
+            } else {
+                println!(
+                    "replayed {jobs} from {queue} to {}; {} of the {count} there at the start left in place",
+                    topology.jobs_queue,
+                    count.saturating_sub(replayed)
+                );
+            }
         }
     }
     let _ = connection.close(200, "dlq done".into()).await;

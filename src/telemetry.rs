@@ -17,6 +17,17 @@ pub fn parse_log_format(raw: &str) -> Result<LogFormat, crate::config::ConfigErr
     }
 }
 
+/// The filter used when `RUST_LOG` is not set: `base` for the dialer's own lines; the AMQP
+/// client's own lines (which repeat, less clearly, what the dialer then reports) only with
+/// `-v`, and everything at debug with `-vv`.
+pub fn default_filter(base: &str, verbose: u8) -> String {
+    match verbose {
+        0 => format!("{base},lapin=off"),
+        1 => base.to_owned(),
+        _ => "debug".to_owned(),
+    }
+}
+
 /// Installs the global subscriber; logs go to stderr so stdout stays for command output.
 /// `default_filter` applies when `RUST_LOG` is not set.
 pub fn init(format: LogFormat, default_filter: &str) {
@@ -24,7 +35,9 @@ pub fn init(format: LogFormat, default_filter: &str) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal and never with NO_COLOR: a log file or a pipe gets plain text.
+        .with_ansi(crate::output::stderr_colour());
     // Fails only if a subscriber is already set (tests); keeping the first is right.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

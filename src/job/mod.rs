@@ -47,7 +47,7 @@ const MAX_ATTRIBUTE_VALUE_CHARS: usize = 2048;
 const MAX_SHOWN_CHARS: usize = 40;
 
 /// Every field a job may carry. Anything else is rejected, so a CRM's typo is not silently ignored.
-const FIELDS: [&str; 15] = [
+pub const FIELDS: [&str; 15] = [
     "jobId",
     "agentUserId",
     "agentEmail",

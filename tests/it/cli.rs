@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use crate::helpers::{amqp_url, spawn_sim};
 
-fn dialer() -> Command {
+pub fn dialer() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_dialer"));
     // The tests' own environment must not leak settings into the child.
     for (key, _) in std::env::vars() {
@@ -92,6 +92,8 @@ async fn check_proves_the_credentials_and_permissions() {
         tokio::task::spawn_blocking(move || {
             dialer()
                 .arg("check")
+                // check's own filter: its report says what the library's warnings would.
+                .env_remove("RUST_LOG")
                 .env("DIALER_AMQP_URL", url)
                 .env("GENESYS_CLIENT_ID", "test-client")
                 .env("GENESYS_CLIENT_SECRET", secret)
@@ -108,75 +110,112 @@ async fn check_proves_the_credentials_and_permissions() {
         stdout.contains("ok   token") && stdout.contains("ok   user search"),
         "{stdout}"
     );
+    assert!(
+        !stdout.contains("conversation:call:add"),
+        "the simulator has no roles: no permissions note: {stdout}"
+    );
     let bad = run("wrong-secret").await.unwrap();
     let stdout = String::from_utf8_lossy(&bad.stdout);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("FAIL token"), "{stdout}");
-    assert!(!String::from_utf8_lossy(&bad.stderr).contains("wrong-secret"));
+    assert!(
+        stdout.contains("fix GENESYS_CLIENT_ID and GENESYS_CLIENT_SECRET"),
+        "{stdout}"
+    );
+    assert_eq!(stderr.trim(), "dialer: 1 check failed", "{stderr}");
+    assert!(!stderr.contains("wrong-secret"));
+}
+
+/// A pipe whose reader is already gone: every write into it fails with EPIPE.
+fn closed_pipe() -> std::io::PipeWriter {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    writer
 }
 
 #[tokio::test]
-async fn enqueue_publishes_valid_lines_and_names_the_bad_ones() {
-    let sim = spawn_sim(|_| {}).await;
-    let settings = crate::helpers::run_settings(&sim).await;
-    let app = crate::helpers::TestApp::connect(sim, settings).await;
-    let file = std::env::temp_dir().join(format!("{}.ndjson", app.settings.broker.prefix));
-    let lines: Vec<String> = (0..3)
-        .map(|i| crate::helpers::job(&format!("enq-{i}")).to_string())
-        .chain(["{\"jobId\": \"enq-bad\", \"phoneNumber\": \"+14155552671\"}".to_owned()])
-        .collect();
-    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    let (url, prefix, path) = (
-        app.settings.broker.amqp_url.clone(),
-        app.settings.broker.prefix.clone(),
-        file.clone(),
-    );
+async fn output_into_a_closed_pipe_ends_without_a_panic() {
+    let url = amqp_url().await;
+    let prefix = format!("test-pipe-{}", uuid::Uuid::new_v4().simple());
+    let prefix2 = prefix.clone();
     let output = tokio::task::spawn_blocking(move || {
         dialer()
-            .arg("enqueue")
-            .arg(&path)
+            .args(["topology", "--prefix", &prefix, "--queue-type", "classic"])
             .env("DIALER_AMQP_URL", url)
-            .env("DIALER_PREFIX", prefix)
+            .stdout(closed_pipe())
+            .stderr(Stdio::piped())
             .output()
             .unwrap()
     })
     .await
     .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("line 4") && stderr.contains("agentUserId"),
+        matches!(output.status.code(), Some(0 | 141)),
+        "{:?} {stderr}",
+        output.status
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
         "{stderr}"
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("published 3 jobs"));
-    let queued = app
-        .take(
-            &app.topology.jobs_queue,
-            3,
-            std::time::Duration::from_secs(5),
-        )
-        .await;
-    let ids: Vec<_> = queued
-        .iter()
-        .map(|m| {
-            m.delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.to_string())
-        })
-        .collect();
+    // It did its work before the closed pipe: the topology exists (and goes again).
+    let connection = lapin::Connection::connect(&amqp_url().await, Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let topology = dialer::broker::Topology::new(&prefix2, dialer::config::QueueType::Classic);
     assert_eq!(
-        ids,
-        [
-            Some("enq-0".into()),
-            Some("enq-1".into()),
-            Some("enq-2".into())
-        ]
+        dialer::broker::queue_depth(&channel, &topology.jobs_queue)
+            .await
+            .unwrap(),
+        0
     );
-    assert_eq!(app.depth(&app.topology.jobs_queue).await, 0);
-    std::fs::remove_file(file).unwrap();
-    app.cleanup().await;
+    topology.delete(&channel, &[]).await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[test]
+fn help_into_a_closed_pipe_ends_without_a_panic() {
+    let output = dialer()
+        .args(["run", "--help"])
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        matches!(output.status.code(), Some(0 | 141)),
+        "{:?} {stderr}",
+        output.status
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn no_ansi_escape_reaches_output_that_is_not_a_terminal() {
+    let sim = spawn_sim(|_| {}).await;
+    let base = sim.base_url();
+    let url = amqp_url().await;
+    let output = tokio::task::spawn_blocking(move || {
+        dialer()
+            .arg("check")
+            .env("RUST_LOG", "debug")
+            .env("DIALER_AMQP_URL", url)
+            .env("GENESYS_CLIENT_ID", "test-client")
+            .env("GENESYS_CLIENT_SECRET", "wrong")
+            .env("GENESYS_API_BASE_URL", &base)
+            .env("GENESYS_LOGIN_BASE_URL", &base)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("DEBUG"), "log lines were written: {stderr}");
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    assert!(!String::from_utf8_lossy(&output.stdout).contains('\x1b'));
 }
 
 #[tokio::test]
@@ -243,7 +282,7 @@ async fn a_failed_job_replayed_from_the_dead_letter_queue_is_tried_again() {
     );
     let replay = dlq(&["replay", "--limit", "5"]).await.unwrap();
     assert!(
-        String::from_utf8_lossy(&replay.stdout).contains("replayed 1 jobs"),
+        String::from_utf8_lossy(&replay.stdout).contains("replayed 1 job "),
         "{replay:?}"
     );
     let second = app
@@ -258,4 +297,61 @@ async fn a_failed_job_replayed_from_the_dead_letter_queue_is_tried_again() {
     assert_eq!(app.sim.placed_calls().len(), 1);
     assert_eq!(app.depth(&app.topology.dead_letter_queue).await, 0);
     app.cleanup().await;
+}
+
+#[test]
+fn bash_completions_are_valid_bash_and_know_the_commands() {
+    let output = dialer().args(["completions", "bash"]).output().unwrap();
+    assert!(output.status.success());
+    let script = String::from_utf8(output.stdout).unwrap();
+    for word in ["events", "enqueue", "--skip-invalid", "replay", "--dry-run"] {
+        assert!(script.contains(word), "{word} missing");
+    }
+    let path = std::env::temp_dir().join(format!("dialer-completions-{}.bash", std::process::id()));
+    std::fs::write(&path, &script).unwrap();
+    let check = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// Runs `dialer ARGS` on a pseudo-terminal (util-linux `script`), returning what it showed.
+fn on_a_terminal(args: &str, env: &[(&str, &str)]) -> String {
+    let mut command = Command::new("script");
+    command
+        .args([
+            "-qec",
+            &format!("{} {args}", env!("CARGO_BIN_EXE_dialer"),),
+            "/dev/null",
+        ])
+        .stdin(Stdio::null());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("DIALER_") || key == "NO_COLOR" {
+            command.env_remove(key);
+        }
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("script(1) from util-linux runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let url = amqp_url().await;
+    let args = "events --prefix no-such-prefix-c0l0r --timeout 1s";
+    let env = [("RUST_LOG", "debug"), ("DIALER_AMQP_URL", url.as_str())];
+    let coloured = on_a_terminal(args, &env);
+    assert!(coloured.contains("DEBUG"), "{coloured}");
+    assert!(
+        coloured.contains('\x1b'),
+        "a terminal gets colour: {coloured:?}"
+    );
+    let plain = on_a_terminal(args, &[env[0], env[1], ("NO_COLOR", "1")]);
+    assert!(plain.contains("DEBUG"), "{plain}");
+    assert!(!plain.contains('\x1b'), "NO_COLOR: {plain:?}");
 }

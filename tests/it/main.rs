@@ -3,6 +3,9 @@
 
 mod children;
 mod cli;
+mod dlq_cli;
+mod enqueue_cli;
+mod events_cli;
 mod genesys_client;
 mod helpers;
 mod proxy;
