@@ -184,7 +184,8 @@ impl Shared {
         // 32 random bytes: opaque and unguessable, like the real service's tokens.
         let token = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
         let state = TokenState {
-            expires_at: now + ttl,
+            // Saturating: a test may ask for an `expires_in` of u64::MAX seconds.
+            expires_at: now.saturating_add(ttl),
             window_start: now,
             count: 0,
         };
@@ -379,50 +380,87 @@ async fn api(
     let now = st.clock.now();
     let cid = Uuid::new_v4();
     let seq = st.journal().arrived(now, method, path, Some(cid));
-    let (latency, reject_all) = {
+    let (latency, reject_all, outage, retry_after) = {
         let faults = st.faults_mut();
-        (faults.latency_ms, faults.reject_credentials)
+        (
+            faults.latency_ms,
+            faults.reject_credentials,
+            faults.outage_status,
+            faults.retry_after(),
+        )
     };
-    let response = match st.admit(headers, now, reject_all) {
-        Err(denied) => {
-            let (response, code) = denied.respond(cid);
-            if let Some(user_id) = api::place_call_user(method, path) {
-                api::record_refused_attempt(
-                    st,
-                    now,
-                    user_id,
-                    body,
-                    response.status().as_u16(),
-                    code,
-                    cid,
-                );
-            }
+    let response = if let Some(status) = outage {
+        // The API is down: nothing is authenticated, counted or handled.
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut response = api_error(
+            status,
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                "service.unavailable"
+            } else {
+                "internal.server.error"
+            },
+            "Injected outage: the simulator was told the API is down.",
+            cid,
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
             response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(retry_after));
         }
-        Ok(admitted) => match api::handle(st, method, path, body, now, cid) {
-            Handled::Respond(mut response) => {
-                let h = response.headers_mut();
-                h.insert(RATELIMIT_COUNT, HeaderValue::from(admitted.count));
-                h.insert(RATELIMIT_ALLOWED, HeaderValue::from(admitted.allowed));
-                h.insert(RATELIMIT_RESET, HeaderValue::from(admitted.reset_secs));
+        if let Some(user_id) = api::place_call_user(method, path) {
+            api::record_refused_attempt(
+                st,
+                now,
+                user_id,
+                body,
+                status.as_u16(),
+                "service.unavailable",
+                cid,
+            );
+        }
+        response
+    } else {
+        match st.admit(headers, now, reject_all) {
+            Err(denied) => {
+                let (response, code) = denied.respond(cid);
+                if let Some(user_id) = api::place_call_user(method, path) {
+                    api::record_refused_attempt(
+                        st,
+                        now,
+                        user_id,
+                        body,
+                        response.status().as_u16(),
+                        code,
+                        cid,
+                    );
+                }
                 response
             }
-            Handled::Hang => {
-                // Never answer: the client times out. Only a shutdown ends the wait, so that a
-                // graceful stop does not wait for it forever.
-                st.shutdown.cancelled().await;
-                let message = "The simulator is shutting down.";
-                return with_correlation(
-                    api_error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "service.unavailable",
-                        message,
+            Ok(admitted) => match api::handle(st, method, path, body, now, cid) {
+                Handled::Respond(mut response) => {
+                    let h = response.headers_mut();
+                    h.insert(RATELIMIT_COUNT, HeaderValue::from(admitted.count));
+                    h.insert(RATELIMIT_ALLOWED, HeaderValue::from(admitted.allowed));
+                    h.insert(RATELIMIT_RESET, HeaderValue::from(admitted.reset_secs));
+                    response
+                }
+                Handled::Hang => {
+                    // Never answer: the client times out. Only a shutdown ends the wait, so that a
+                    // graceful stop does not wait for it forever.
+                    st.shutdown.cancelled().await;
+                    let message = "The simulator is shutting down.";
+                    return with_correlation(
+                        api_error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "service.unavailable",
+                            message,
+                            cid,
+                        ),
                         cid,
-                    ),
-                    cid,
-                );
-            }
-        },
+                    );
+                }
+            },
+        }
     };
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
