@@ -433,12 +433,13 @@ fn place_call(st: &Shared, user_id: &str, body: &[u8], now: Duration, cid: Uuid)
         }
     };
 
-    let (injection, retry_after, answer_id) = {
+    let (injection, retry_after, answer_id, error_message) = {
         let mut faults = st.faults_mut();
         (
             faults.next_injection(),
             faults.retry_after(),
             faults.answer_id(),
+            faults.error_message.clone(),
         )
     };
     match injection {
@@ -448,10 +449,12 @@ fn place_call(st: &Shared, user_id: &str, body: &[u8], now: Duration, cid: Uuid)
             let response = if status == StatusCode::TOO_MANY_REQUESTS {
                 too_many_requests(retry_after, cid)
             } else {
-                let message = format!(
-                    "Injected failure: the simulator was told to answer {}.",
-                    status.as_u16()
-                );
+                let message = error_message.unwrap_or_else(|| {
+                    format!(
+                        "Injected failure: the simulator was told to answer {}.",
+                        status.as_u16()
+                    )
+                });
                 let mut response = api_error(status, code, &message, cid);
                 if status == StatusCode::SERVICE_UNAVAILABLE {
                     response

@@ -41,6 +41,9 @@ pub struct Faults {
     /// Successful place-call answers carry this `id` instead of a fresh conversation id
     /// (the call is still recorded as placed: the answer is wrong, not the call).
     pub answer_id: Option<String>,
+    /// The `message` of injected error answers, instead of the simulator's own (to test what
+    /// a client does with outside text, such as an echoed token).
+    pub error_message: Option<String>,
     /// When above 0, successful place-call answers carry an `id` of this many `x` characters
     /// (tens of megabytes work), overriding `answer_id`.
     pub answer_id_bytes: u64,

@@ -3,6 +3,7 @@
 
 mod children;
 mod cli;
+mod edges_api;
 mod genesys_client;
 mod helpers;
 mod proxy;
