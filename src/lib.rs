@@ -19,6 +19,7 @@ pub mod demo;
 pub mod dlq;
 pub mod enqueue;
 pub mod event;
+pub mod fuzzing;
 pub mod genesys;
 pub mod health;
 pub mod job;

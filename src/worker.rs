@@ -692,3 +692,24 @@ fn spawn_pruning(pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_step_is_caught_and_counted() {
+        let caught = guarded(async {
+            if std::hint::black_box(true) {
+                panic!("boom in the step");
+            }
+            Verdict::Requeue {
+                reason: "unreached",
+            }
+        })
+        .await;
+        assert_eq!(caught.err().as_deref(), Some("boom in the step"));
+        let fine = guarded(async { Verdict::Requeue { reason: "ok" } }).await;
+        assert!(matches!(fine, Ok(Verdict::Requeue { reason: "ok" })));
+    }
+}

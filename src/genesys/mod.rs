@@ -206,24 +206,8 @@ impl GenesysClient {
                 http.post(url.clone()).json(&body)
             })
             .await;
-        let result = answer.result.and_then(|found| {
-            let user = found
-                .results
-                .into_iter()
-                .find(|u: &SearchedUser| u.state.as_deref() != Some("deleted"));
-            let id = user
-                .map(|u| {
-                    UserId::parse(&u.id).map_err(|_| GenesysError::UnreadableSuccess {
-                        status: 200,
-                        message: format!(
-                            "user search returned an id that is not a UUID: {:?}",
-                            scrub(&u.id, 60)
-                        ),
-                    })
-                })
-                .transpose()?;
-            self.remember_user(key, id);
-            Ok(id)
+        let result = answer.result.and_then(pick_user).inspect(|id| {
+            self.remember_user(key, *id);
         });
         Answer {
             result,
@@ -512,9 +496,37 @@ pub(crate) async fn read_capped(
     Ok((body.into(), true))
 }
 
+/// The first user of a search answer that is not deleted; its id must be a UUID.
+fn pick_user(found: UsersSearchResponse) -> Result<Option<UserId>, GenesysError> {
+    let user = found
+        .results
+        .into_iter()
+        .find(|u: &SearchedUser| u.state.as_deref() != Some("deleted"));
+    user.map(|u| {
+        UserId::parse(&u.id).map_err(|_| GenesysError::UnreadableSuccess {
+            status: 200,
+            message: format!(
+                "user search returned an id that is not a UUID: {:?}",
+                scrub(&u.id, 60)
+            ),
+        })
+    })
+    .transpose()
+}
+
+/// Reads a user-search answer body as the client does (for the fuzz targets).
+pub fn read_user_search(body: &[u8]) -> Result<Option<UserId>, GenesysError> {
+    let found: UsersSearchResponse =
+        serde_json::from_slice(body).map_err(|e| GenesysError::UnreadableSuccess {
+            status: 200,
+            message: scrub(&e.to_string(), MESSAGE_LIMIT),
+        })?;
+    pick_user(found)
+}
+
 /// A placed call's answer is believed only if its id is a conversation id (a UUID): an empty
 /// or absurd id is an answer nobody can act on, and the call may exist, so it is ambiguous.
-fn validate_created(created: CreateCallResponse) -> Result<CreateCallResponse, GenesysError> {
+pub fn validate_created(created: CreateCallResponse) -> Result<CreateCallResponse, GenesysError> {
     match parse_uuid(&created.id) {
         Ok(_) => Ok(created),
         Err(_) => Err(GenesysError::UnreadableSuccess {

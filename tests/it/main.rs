@@ -4,6 +4,7 @@
 mod children;
 mod cli;
 mod edges_api;
+mod fuzz_inputs;
 mod genesys_client;
 mod helpers;
 mod proxy;
