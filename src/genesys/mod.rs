@@ -328,9 +328,13 @@ impl GenesysClient {
     ) -> Result<(), GenesysError> {
         let never = CancellationToken::new();
         let cancel = cancel.unwrap_or(&never);
+        let passed = |d: OffsetDateTime| OffsetDateTime::now_utc() >= d;
         loop {
             if cancel.is_cancelled() {
                 return Err(GenesysError::Cancelled);
+            }
+            if deadline.is_some_and(passed) {
+                return Err(GenesysError::DeadlinePassed);
             }
             if let Some(until) = self.gate.pause_deadline() {
                 let remaining = until.saturating_duration_since(Instant::now());
@@ -341,14 +345,24 @@ impl GenesysClient {
                     return Err(GenesysError::DeadlinePassed);
                 }
             }
-            // The gate is re-entered every second, so a long pause that starts while this
-            // request waits is noticed (above) instead of holding the job through it.
-            // governor reserves nothing for a waiter, so starting over loses no place.
+            // Looked at every second while waiting: a long pause that starts meanwhile, or the
+            // deadline passing, ends the wait (checked above) instead of holding the job.
+            let interrupted = async {
+                loop {
+                    tokio::time::sleep(GATE_RECHECK).await;
+                    let long_pause = self.gate.pause_deadline().is_some_and(|until| {
+                        until.saturating_duration_since(Instant::now()) > GATE_HOLD_LIMIT
+                    });
+                    if long_pause || deadline.is_some_and(passed) {
+                        return;
+                    }
+                }
+            };
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(GenesysError::Cancelled),
                 _ = self.gate.acquire() => break,
-                _ = tokio::time::sleep(GATE_RECHECK) => {}
+                _ = interrupted => {}
             }
         }
         if deadline.is_some_and(|d| OffsetDateTime::now_utc() >= d) {
