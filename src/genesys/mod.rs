@@ -459,8 +459,8 @@ impl GenesysClient {
             status,
             code = error.code(),
             correlation_id = error.correlation_id(),
-            ratelimit_count = header("inin-ratelimit-count"),
-            ratelimit_allowed = header("inin-ratelimit-allowed"),
+            ratelimit_count = number("inin-ratelimit-count"),
+            ratelimit_allowed = number("inin-ratelimit-allowed"),
             "Genesys answered with an error"
         );
         Err(error)
