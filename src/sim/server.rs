@@ -389,84 +389,94 @@ async fn api(
             faults.retry_after(),
         )
     };
-    let response = if let Some(status) = outage {
-        // The API is down: nothing is authenticated, counted or handled.
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        let mut response = api_error(
-            status,
-            if status == StatusCode::SERVICE_UNAVAILABLE {
-                "service.unavailable"
-            } else {
-                "internal.server.error"
-            },
-            "Injected outage: the simulator was told the API is down.",
-            cid,
-        );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+    if let Some(status) = outage {
+        let response = outage_response(st, method, path, body, now, cid, status, retry_after);
+        st.journal().answered(seq, response.status().as_u16());
+        return with_correlation(response, cid);
+    }
+    let response = match st.admit(headers, now, reject_all) {
+        Err(denied) => {
+            let (response, code) = denied.respond(cid);
+            if let Some(user_id) = api::place_call_user(method, path) {
+                api::record_refused_attempt(
+                    st,
+                    now,
+                    user_id,
+                    body,
+                    response.status().as_u16(),
+                    code,
+                    cid,
+                );
+            }
             response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(retry_after));
         }
-        if let Some(user_id) = api::place_call_user(method, path) {
-            api::record_refused_attempt(
-                st,
-                now,
-                user_id,
-                body,
-                status.as_u16(),
-                "service.unavailable",
-                cid,
-            );
-        }
-        response
-    } else {
-        match st.admit(headers, now, reject_all) {
-            Err(denied) => {
-                let (response, code) = denied.respond(cid);
-                if let Some(user_id) = api::place_call_user(method, path) {
-                    api::record_refused_attempt(
-                        st,
-                        now,
-                        user_id,
-                        body,
-                        response.status().as_u16(),
-                        code,
-                        cid,
-                    );
-                }
+        Ok(admitted) => match api::handle(st, method, path, body, now, cid) {
+            Handled::Respond(mut response) => {
+                let h = response.headers_mut();
+                h.insert(RATELIMIT_COUNT, HeaderValue::from(admitted.count));
+                h.insert(RATELIMIT_ALLOWED, HeaderValue::from(admitted.allowed));
+                h.insert(RATELIMIT_RESET, HeaderValue::from(admitted.reset_secs));
                 response
             }
-            Ok(admitted) => match api::handle(st, method, path, body, now, cid) {
-                Handled::Respond(mut response) => {
-                    let h = response.headers_mut();
-                    h.insert(RATELIMIT_COUNT, HeaderValue::from(admitted.count));
-                    h.insert(RATELIMIT_ALLOWED, HeaderValue::from(admitted.allowed));
-                    h.insert(RATELIMIT_RESET, HeaderValue::from(admitted.reset_secs));
-                    response
-                }
-                Handled::Hang => {
-                    // Never answer: the client times out. Only a shutdown ends the wait, so that a
-                    // graceful stop does not wait for it forever.
-                    st.shutdown.cancelled().await;
-                    let message = "The simulator is shutting down.";
-                    return with_correlation(
-                        api_error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "service.unavailable",
-                            message,
-                            cid,
-                        ),
+            Handled::Hang => {
+                // Never answer: the client times out. Only a shutdown ends the wait, so that a
+                // graceful stop does not wait for it forever.
+                st.shutdown.cancelled().await;
+                let message = "The simulator is shutting down.";
+                return with_correlation(
+                    api_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "service.unavailable",
+                        message,
                         cid,
-                    );
-                }
-            },
-        }
+                    ),
+                    cid,
+                );
+            }
+        },
     };
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
     st.journal().answered(seq, response.status().as_u16());
     with_correlation(response, cid)
+}
+
+/// The answer to every `/api/v2` request during an injected outage: nothing is authenticated,
+/// counted or handled; a place-call request is recorded as an attempt.
+#[allow(clippy::too_many_arguments)]
+fn outage_response(
+    st: &Shared,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+    now: Duration,
+    cid: Uuid,
+    status: u16,
+    retry_after: u64,
+) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let unavailable = status == StatusCode::SERVICE_UNAVAILABLE;
+    let code = if unavailable {
+        "service.unavailable"
+    } else {
+        "internal.server.error"
+    };
+    let mut response = api_error(
+        status,
+        code,
+        "Injected outage: the simulator was told the API is down.",
+        cid,
+    );
+    if unavailable {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+    }
+    if let Some(user_id) = api::place_call_user(method, path) {
+        api::record_refused_attempt(st, now, user_id, body, status.as_u16(), code, cid);
+    }
+    response
 }
 
 /// `POST /oauth/token`: the client-credentials grant, as the login host answers it.
