@@ -21,6 +21,7 @@ pub mod dlq;
 pub mod enqueue;
 pub mod event;
 pub mod events;
+pub mod fuzzing;
 pub mod genesys;
 pub mod health;
 pub mod job;

@@ -40,6 +40,13 @@ pub const GENESYS_RATELIMIT_USED: &str = "dialer_genesys_ratelimit_used";
 /// See [`GENESYS_RATELIMIT_USED`].
 pub const GENESYS_RATELIMIT_ALLOWED: &str = "dialer_genesys_ratelimit_allowed";
 
+/// Gauge: 1 while the circuit breaker is open (Genesys looks down, or asked for a long pause).
+pub const CIRCUIT_OPEN: &str = "dialer_circuit_open";
+/// Times the circuit breaker opened, by reason (`outage`, `rate_limited`).
+pub const CIRCUIT_OPENED_TOTAL: &str = "dialer_circuit_opened_total";
+/// Job steps that panicked (each still ended with a requeue or an event).
+pub const JOB_PANICS_TOTAL: &str = "dialer_job_panics_total";
+
 /// Buckets for latency-like histograms: 1 ms to 1 min.
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -125,6 +132,18 @@ fn describe() {
         GENESYS_RATELIMIT_ALLOWED,
         "inin-ratelimit-allowed of the last Genesys answer that had it."
     );
+    describe_gauge!(
+        CIRCUIT_OPEN,
+        "1 while the circuit breaker is open: no calls placed, consumption paused."
+    );
+    describe_counter!(
+        CIRCUIT_OPENED_TOTAL,
+        "Times the circuit breaker opened, by reason (outage, rate_limited)."
+    );
+    describe_counter!(
+        JOB_PANICS_TOTAL,
+        "Job steps that panicked; each job still ended with a requeue or an event."
+    );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Series exist from the start at zero, so the first `unknown` or the first pause is an
     // increase Prometheus can see, and dashboards show 0 rather than "no data".
@@ -134,6 +153,8 @@ fn describe() {
     }
     metrics::counter!(GENESYS_RATE_LIMITED_TOTAL).absolute(0);
     metrics::gauge!(SYSTEMIC_PAUSE).set(0.0);
+    metrics::gauge!(CIRCUIT_OPEN).set(0.0);
+    metrics::counter!(JOB_PANICS_TOTAL).absolute(0);
     metrics::gauge!(BROKER_CONNECTED).set(0.0);
     metrics::gauge!(JOBS_IN_FLIGHT).set(0.0);
 }

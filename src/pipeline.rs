@@ -197,6 +197,17 @@ impl Pipeline {
         tokens.token().await.map(|_| ())
     }
 
+    /// The Genesys client, for the worker's circuit-breaker probes: the breaker and the rate
+    /// gate belong to the client, and the worker waits on them while consumption is paused.
+    pub fn genesys(&self) -> &GenesysClient {
+        &self.genesys
+    }
+
+    /// The worker's name, as it appears in result events.
+    pub fn worker_name(&self) -> &str {
+        &self.worker
+    }
+
     /// Decides what happens to one delivery.
     pub async fn process(&self, incoming: Incoming<'_>) -> Verdict {
         let received_at = OffsetDateTime::now_utc();
@@ -411,16 +422,7 @@ impl Pipeline {
             return self.decided(job, Outcome::Rejected, progress, None, Some(error));
         }
         if job.expires_at.is_some_and(|expires| expires <= now) {
-            return self.decided(
-                job,
-                Outcome::Expired,
-                progress,
-                None,
-                Some(EventError::new(
-                    "expired",
-                    "expiresAt passed before the call could be placed",
-                )),
-            );
+            return self.expired(job, progress, None);
         }
         if let Some(not_before) = job.not_before
             && not_before > now
@@ -444,72 +446,26 @@ impl Pipeline {
         };
 
         let request = job.create_call_request();
-        loop {
-            if self.shutdown.is_cancelled() {
-                return Step::GiveBack("shutdown before dialling");
-            }
-            if job
-                .expires_at
-                .is_some_and(|expires| expires <= OffsetDateTime::now_utc())
-            {
-                return self.decided(
-                    job,
-                    Outcome::Expired,
-                    progress,
-                    Some(user),
-                    Some(EventError::new(
-                        "expired",
-                        "expiresAt passed while retrying",
-                    )),
-                );
-            }
-            let answer = self
-                .genesys
-                .place_call(user, &request, Some(&self.shutdown))
-                .await;
-            progress.attempts += answer.requests;
-            let error = match answer.result {
-                Ok(created) => {
-                    tracing::info!(conversation_id = %created.id, phone = %mask_phone(job.phone_number.e164()), "call placed");
-                    let mut event =
-                        self.job_event(job, Outcome::Placed, progress, Some(user), None);
-                    event.conversation_id = Some(created.id);
-                    return Step::Decided(Box::new(event));
-                }
-                Err(GenesysError::Cancelled) => return Step::GiveBack("shutdown before dialling"),
-                Err(error) => error,
-            };
-            match self.after_failure(&error, progress, true) {
-                Next::RetryAfter(wait) => {
-                    if wait <= IN_PROCESS_WAIT_LIMIT {
-                        metrics::counter!(m::RETRIES_SCHEDULED_TOTAL, "via" => "in_process")
-                            .increment(1);
-                        if !self.sleep_unless_shutdown(wait).await {
-                            return Step::GiveBack("shutdown during backoff");
-                        }
-                        continue;
-                    }
-                    metrics::counter!(m::RETRIES_SCHEDULED_TOTAL, "via" => "delay_queue")
-                        .increment(1);
-                    return Step::Delay {
-                        wait: Delay::AtLeast(wait),
-                    };
-                }
-                Next::Fail(outcome) => {
-                    return self.decided(
-                        job,
-                        outcome,
-                        progress,
-                        Some(user),
-                        Some(EventError::from_genesys(&error)),
-                    );
-                }
-                Next::Pause => {
-                    let _ = self.systemic.send(SystemicFailure::now(error.to_string()));
-                    return Step::GiveBack("systemic failure");
-                }
-            }
-        }
+        let deadline = job.expires_at;
+        let call = GenesysCall {
+            what: "dialling",
+            places_calls: true,
+            user: Some(user),
+        };
+        let created = match self
+            .with_retries(job, progress, call, || {
+                self.genesys
+                    .place_call(user, &request, Some(&self.shutdown), deadline)
+            })
+            .await
+        {
+            Ok(created) => created,
+            Err(step) => return step,
+        };
+        tracing::info!(conversation_id = %created.id, phone = %mask_phone(job.phone_number.e164()), "call placed");
+        let mut event = self.job_event(job, Outcome::Placed, progress, Some(user), None);
+        event.conversation_id = Some(created.id);
+        Step::Decided(Box::new(event))
     }
 
     /// The agent's user id: given, or looked up by email (cached by the client).
@@ -518,41 +474,91 @@ impl Pipeline {
             Agent::UserId(id) => return Ok(*id),
             Agent::Email(email) => email,
         };
+        let lookup = GenesysCall {
+            what: "the agent lookup",
+            places_calls: false,
+            user: None,
+        };
+        let found = self
+            .with_retries(job, progress, lookup, || {
+                self.genesys.find_user_by_email(email, Some(&self.shutdown))
+            })
+            .await?;
+        found.ok_or_else(|| {
+            self.decided(
+                job,
+                Outcome::Rejected,
+                progress,
+                None,
+                Some(EventError::new(
+                    "unknown_agent",
+                    format!("agentEmail {email} matches no Genesys Cloud user"),
+                )),
+            )
+        })
+    }
+
+    /// The one retry loop every Genesys operation of a job goes through, with one set of
+    /// checks and metrics: before each attempt, shutdown and `expiresAt`; after a failure, the
+    /// policy of [`Self::after_failure`]; a wait up to [`IN_PROCESS_WAIT_LIMIT`] happens here,
+    /// a longer one (a long `Retry-After` included) goes through a delay queue, and one that
+    /// would end after `expiresAt` ends the job `expired` at once. A request the client did
+    /// not send (deadline passed, circuit open, shutdown) never counts as a try.
+    async fn with_retries<T, F>(
+        &self,
+        job: &DialJob,
+        progress: &mut Progress,
+        call: GenesysCall,
+        mut attempt: impl FnMut() -> F,
+    ) -> Result<T, Step>
+    where
+        F: Future<Output = crate::genesys::Answer<T>>,
+    {
         loop {
             if self.shutdown.is_cancelled() {
-                return Err(Step::GiveBack("shutdown before the agent lookup"));
+                return Err(Step::GiveBack("shutdown before a Genesys request"));
             }
-            let answer = self
-                .genesys
-                .find_user_by_email(email, Some(&self.shutdown))
-                .await;
+            if job
+                .expires_at
+                .is_some_and(|expires| expires <= OffsetDateTime::now_utc())
+            {
+                return Err(self.expired(job, progress, call.user));
+            }
+            let answer = attempt().await;
+            if call.places_calls {
+                progress.attempts = progress.attempts.saturating_add(answer.requests);
+            }
             let error = match answer.result {
-                Ok(Some(user)) => return Ok(user),
-                Ok(None) => {
-                    return Err(self.decided(
-                        job,
-                        Outcome::Rejected,
-                        progress,
-                        None,
-                        Some(EventError::new(
-                            "unknown_agent",
-                            format!("agentEmail {email} matches no Genesys Cloud user"),
-                        )),
-                    ));
-                }
+                Ok(value) => return Ok(value),
                 Err(GenesysError::Cancelled) => {
-                    return Err(Step::GiveBack("shutdown before the agent lookup"));
+                    return Err(Step::GiveBack("shutdown before a Genesys request"));
+                }
+                Err(GenesysError::DeadlinePassed) => {
+                    return Err(self.expired(job, progress, call.user));
+                }
+                Err(GenesysError::CircuitOpen(_)) => {
+                    // The worker pauses consumption; the job waits in the queue, its tries intact.
+                    return Err(Step::GiveBack("circuit breaker open"));
                 }
                 Err(error) => error,
             };
-            // A search has no side effect: an ambiguous answer is safe to retry.
-            match self.after_failure(&error, progress, false) {
-                Next::RetryAfter(wait) if wait <= IN_PROCESS_WAIT_LIMIT => {
-                    if !self.sleep_unless_shutdown(wait).await {
-                        return Err(Step::GiveBack("shutdown during backoff"));
-                    }
-                }
+            tracing::debug!(error = %error, during = call.what, "Genesys request failed");
+            match self.after_failure(&error, progress, call.places_calls) {
                 Next::RetryAfter(wait) => {
+                    let resumes = OffsetDateTime::now_utc() + wait;
+                    if job.expires_at.is_some_and(|expires| expires <= resumes) {
+                        return Err(self.expired(job, progress, call.user));
+                    }
+                    if wait <= IN_PROCESS_WAIT_LIMIT {
+                        metrics::counter!(m::RETRIES_SCHEDULED_TOTAL, "via" => "in_process")
+                            .increment(1);
+                        if !self.sleep_unless_shutdown(wait).await {
+                            return Err(Step::GiveBack("shutdown during backoff"));
+                        }
+                        continue;
+                    }
+                    metrics::counter!(m::RETRIES_SCHEDULED_TOTAL, "via" => "delay_queue")
+                        .increment(1);
                     return Err(Step::Delay {
                         wait: Delay::AtLeast(wait),
                     });
@@ -562,7 +568,7 @@ impl Pipeline {
                         job,
                         outcome,
                         progress,
-                        None,
+                        call.user,
                         Some(EventError::from_genesys(&error)),
                     ));
                 }
@@ -574,28 +580,43 @@ impl Pipeline {
         }
     }
 
+    /// `expired`: `expiresAt` passed (or would pass during a required wait) before the call
+    /// could be placed.
+    fn expired(&self, job: &DialJob, progress: &Progress, user: Option<UserId>) -> Step {
+        self.decided(
+            job,
+            Outcome::Expired,
+            progress,
+            user,
+            Some(EventError::new(
+                "expired",
+                "expiresAt passed before the call could be placed",
+            )),
+        )
+    }
+
     /// The retry policy, in one place: capped exponential backoff with full jitter, at least
-    /// `Retry-After`; 429s do not count toward the attempt limit (Genesys asked us to wait,
-    /// nothing failed); ambiguous answers end `unknown` unless retrying them is enabled.
+    /// `Retry-After`; 429s (and requests never sent) do not count toward the attempt limit
+    /// (Genesys asked us to wait, nothing failed); ambiguous answers end `unknown` unless
+    /// retrying them is enabled, and only for requests that may place a call (a lookup has
+    /// no side effect, so an ambiguous answer to it is safe to retry).
     fn after_failure(
         &self,
         error: &GenesysError,
         progress: &mut Progress,
         has_side_effect: bool,
     ) -> Next {
-        let (retry_after, counts) = match error.class() {
-            ErrorClass::Transient { retry_after } => {
-                (retry_after, error.http_status() != Some(429))
-            }
+        let retry_after = match error.class() {
+            ErrorClass::Transient { retry_after } => retry_after,
             ErrorClass::Ambiguous if has_side_effect && !self.retry_ambiguous => {
                 return Next::Fail(Outcome::Unknown);
             }
-            ErrorClass::Ambiguous => (None, true),
+            ErrorClass::Ambiguous => None,
             ErrorClass::Permanent => return Next::Fail(Outcome::Failed),
             ErrorClass::Systemic | ErrorClass::RenewToken => return Next::Pause,
         };
-        if counts {
-            progress.tries += 1;
+        if error.counts_as_try() {
+            progress.tries = progress.tries.saturating_add(1);
             if progress.tries >= self.max_attempts {
                 return Next::Fail(Outcome::Failed);
             }
@@ -719,6 +740,17 @@ enum Step {
     Decided(Box<ResultEvent>),
     Delay { wait: Delay },
     GiveBack(&'static str),
+}
+
+/// What a Genesys operation of a job is, for the shared retry loop.
+struct GenesysCall {
+    /// For logs.
+    what: &'static str,
+    /// Whether the request may place a call: its requests count as the job's `attempts`, and
+    /// an ambiguous answer ends the job `unknown` (unless retrying those is enabled).
+    places_calls: bool,
+    /// The agent, once known, for the event.
+    user: Option<UserId>,
 }
 
 /// What the retry policy says after a failure.

@@ -35,6 +35,9 @@ use crate::ratelimit::RateGate;
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
 /// Systemic pause backoff cap (docs/jobs-and-events.md §5: "capped at 30 s").
 const PAUSE_CAP: Duration = Duration::from_secs(30);
+/// Longest wait between two probes while the circuit breaker is open: a recovered Genesys is
+/// noticed within ten seconds, and one probe every ten seconds is no load.
+const CIRCUIT_PROBE_CAP: Duration = Duration::from_secs(10);
 /// Decisions older than this are pruned: a CRM that resends a job a week later gets a new call.
 const DECISION_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -297,11 +300,13 @@ impl Supervisor {
             // channel, a deleted queue): consuming on would only cycle jobs through requeues,
             // so the session ends and the reconnect redeclares everything.
             let broken = CancellationToken::new();
+            let mut circuit = self.pipeline.genesys().circuit().subscribe();
             let stop = loop {
                 tokio::select! {
                     biased;
                     _ = self.shutdown.cancelled() => break Stop::Shutdown,
                     _ = broken.cancelled() => break Stop::Broken,
+                    Ok(()) = async { circuit.wait_for(Option::is_some).await.map(|_| ()) } => break Stop::Circuit,
                     Some(failure) = self.systemic.recv() => {
                         if self.last_pause_end.is_some_and(|end| failure.at < end) {
                             continue; // reported by a job that started before the last pause ended
@@ -336,6 +341,11 @@ impl Supervisor {
                 Stop::Broken => return SessionEnd::Lost(BrokerError::CannotFinishJobs),
                 Stop::Pause(failure) => {
                     if !self.pause(failure).await {
+                        return SessionEnd::Shutdown;
+                    }
+                }
+                Stop::Circuit => {
+                    if !self.circuit_pause().await {
                         return SessionEnd::Shutdown;
                     }
                 }
@@ -381,6 +391,38 @@ impl Supervisor {
         resumed
     }
 
+    /// Waits out an open circuit breaker: not ready, nothing consumed (the jobs it gave back
+    /// wait in the queue), Genesys probed with capped backoff (never before a `Retry-After`
+    /// pause has ended). Returns `false` when shutdown started meanwhile.
+    async fn circuit_pause(&mut self) -> bool {
+        self.readiness.paused.store(true, Ordering::Relaxed);
+        let genesys = self.pipeline.genesys();
+        let mut wait = Duration::from_secs(1);
+        let resumed = loop {
+            let next = Instant::now() + wait;
+            let until = genesys
+                .gate()
+                .pause_deadline()
+                .map_or(next, |pause| pause.max(next));
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break false,
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            match genesys.probe().await {
+                Ok(()) => break true,
+                Err(error) => {
+                    wait = (wait * 2).min(CIRCUIT_PROBE_CAP);
+                    tracing::warn!(error = %error, retry_in_s = wait.as_secs(), "Genesys still looks down");
+                }
+            }
+        };
+        if resumed {
+            genesys.circuit().close();
+        }
+        self.readiness.paused.store(false, Ordering::Relaxed);
+        resumed
+    }
+
     fn spawn_job(&self, publisher: Publisher, delivery: Delivery, broken: CancellationToken) {
         let pipeline = self.pipeline.clone();
         let topology = self.topology.clone();
@@ -393,7 +435,11 @@ impl Supervisor {
                 let waited = now.saturating_sub(i64::try_from(*timestamp).unwrap_or(now)).max(0);
                 metrics::histogram!(m::QUEUE_WAIT_SECONDS).record(waited as f64);
             }
-            let verdict = pipeline.process(incoming(&delivery, &topology)).await;
+            let step = pipeline.process(incoming(&delivery, &topology));
+            let verdict = match guarded(step).await {
+                Ok(verdict) => verdict,
+                Err(panic) => after_panic(&pipeline, &delivery, &panic),
+            };
             let label = verdict_label(&verdict);
             match apply(&topology, &publisher, &delivery, verdict).await {
                 Ok(()) => {
@@ -420,6 +466,7 @@ impl Supervisor {
 enum Stop {
     Shutdown,
     Pause(SystemicFailure),
+    Circuit,
     Broken,
 }
 
@@ -445,6 +492,73 @@ fn incoming<'a>(delivery: &'a Delivery, topology: &Topology) -> Incoming<'a> {
         arrival: Arrival::of(delivery.redelivered, &marks),
         redelivered: delivery.redelivered,
         exchange,
+    }
+}
+
+/// Runs a job's step, turning a panic into its message: no input should make the step panic,
+/// but if one ever does, the job must still end (and the panic be counted), not stay unacked
+/// with the in-flight gauge stuck.
+async fn guarded<F: std::future::Future<Output = Verdict>>(step: F) -> Result<Verdict, String> {
+    use futures_util::FutureExt as _;
+    std::panic::AssertUnwindSafe(step)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            metrics::counter!(m::JOB_PANICS_TOTAL).increment(1);
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".to_owned())
+        })
+}
+
+/// What happens to a job whose step panicked: requeued once (a claim it made is then found
+/// without a decision and ends `unknown`, as after a crash); a delivery that was already
+/// redelivered ends `unknown` here, with an event and a dead letter, so a job that panics
+/// every time cannot cycle forever.
+fn after_panic(pipeline: &Pipeline, delivery: &Delivery, panic: &str) -> Verdict {
+    let panic = crate::genesys::scrub(panic, crate::genesys::MESSAGE_LIMIT);
+    tracing::error!(panic = %panic, redelivered = delivery.redelivered, "a job's step panicked");
+    if !delivery.redelivered {
+        return Verdict::Requeue {
+            reason: "the job's step panicked",
+        };
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let job_id = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+        .ok()
+        .and_then(|body| body.get("jobId")?.as_str().map(str::to_owned))
+        .or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+        })
+        .map(|id| crate::genesys::scrub(&id, 128));
+    let event = crate::event::ResultEvent {
+        job_id,
+        outcome: Outcome::Unknown,
+        conversation_id: None,
+        agent_user_id: None,
+        phone_number: None,
+        attempts: 0,
+        error: Some(crate::event::EventError::new(
+            "internal_error",
+            format!(
+                "the worker failed while handling this job ({panic}); the call may have been placed"
+            ),
+        )),
+        attributes: None,
+        received_at: now,
+        completed_at: now,
+        worker: pipeline.worker_name().to_owned(),
+    };
+    let bytes = event.to_json();
+    Verdict::Publish {
+        event: Box::new(event),
+        bytes,
     }
 }
 
@@ -645,5 +759,21 @@ mod tests {
             seen.counters.attempts < u32::MAX / 2,
             "capped: adding cannot wrap"
         );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_step_is_caught_and_counted() {
+        let caught = guarded(async {
+            if std::hint::black_box(true) {
+                panic!("boom in the step");
+            }
+            Verdict::Requeue {
+                reason: "unreached",
+            }
+        })
+        .await;
+        assert_eq!(caught.err().as_deref(), Some("boom in the step"));
+        let fine = guarded(async { Verdict::Requeue { reason: "ok" } }).await;
+        assert!(matches!(fine, Ok(Verdict::Requeue { reason: "ok" })));
     }
 }

@@ -1,9 +1,14 @@
 //! What can go wrong talking to Genesys Cloud, and the one table that says what each failure means
-//! for a job (contract §5).
+//! for a job (`docs/genesys.md`).
 
 use std::time::Duration;
 
 use super::model::ErrorBody;
+use super::scrub::{MESSAGE_LIMIT, SHORT_LIMIT, scrub};
+
+/// The longest `Retry-After` honoured. Genesys's own SDKs give up beyond 180 s; an hour keeps a
+/// server's (or a proxy's) absurd value from parking the process for days or overflowing a clock.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
 
 /// What a failure means for the job that hit it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,7 +30,7 @@ pub enum ErrorClass {
     RenewToken,
 }
 
-/// The classification table of contract §5, by error status and Genesys error code.
+/// The classification table of `docs/genesys.md`, by error status and Genesys error code.
 pub fn classify_status(
     status: u16,
     code: Option<&str>,
@@ -91,6 +96,29 @@ pub enum GenesysError {
     /// Not sent: shutdown started while the request waited for its turn.
     #[error("not sent: the worker is shutting down")]
     Cancelled,
+    /// Genesys answered with a redirect, which is never followed: for the place-call POST the
+    /// call may already exist; for a lookup or token request nothing happened.
+    #[error("Genesys answered {status} (a redirect{}), which is not followed", location.as_deref().map(|l| format!(" to {l}")).unwrap_or_default())]
+    Redirect {
+        /// HTTP status (3xx).
+        status: u16,
+        /// `Location`, scrubbed and bounded.
+        location: Option<String>,
+        /// Whether the request could have placed a call.
+        may_have_acted: bool,
+    },
+    /// Not sent: the job's `expiresAt` passed while the request waited for its turn.
+    #[error("not sent: expiresAt passed before the request could leave")]
+    DeadlinePassed,
+    /// Not sent: the circuit breaker is open (Genesys looks down).
+    #[error("not sent: the circuit breaker is open ({0})")]
+    CircuitOpen(String),
+    /// Not sent: the process is paused by a `Retry-After` longer than a job may be held.
+    #[error("not sent: requests are paused for another {} s by a Genesys Retry-After", remaining.as_secs())]
+    Paused {
+        /// How much of the pause is left.
+        remaining: Duration,
+    },
     /// A success answer whose body could not be read: the call may exist.
     #[error("Genesys answered {status} with an unreadable body: {message}")]
     UnreadableSuccess {
@@ -102,7 +130,7 @@ pub enum GenesysError {
 }
 
 impl GenesysError {
-    /// What this failure means for the job (contract §5).
+    /// What this failure means for the job.
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Api {
@@ -114,7 +142,19 @@ impl GenesysError {
             Self::CredentialsRefused { .. }
             | Self::TokenRejected(_)
             | Self::TokenUnavailable(_) => ErrorClass::Systemic,
-            Self::Connect(_) | Self::Cancelled => ErrorClass::Transient { retry_after: None },
+            Self::Connect(_) | Self::Cancelled | Self::CircuitOpen(_) => {
+                ErrorClass::Transient { retry_after: None }
+            }
+            Self::Paused { remaining } => ErrorClass::Transient {
+                retry_after: Some(*remaining),
+            },
+            Self::Redirect {
+                may_have_acted: true,
+                ..
+            } => ErrorClass::Ambiguous,
+            Self::Redirect { .. } => ErrorClass::Transient { retry_after: None },
+            // Nothing was sent and nothing can be: the job is over.
+            Self::DeadlinePassed => ErrorClass::Permanent,
             Self::Timeout | Self::Transport(_) | Self::UnreadableSuccess { .. } => {
                 ErrorClass::Ambiguous
             }
@@ -140,6 +180,33 @@ impl GenesysError {
             Self::Timeout => "timeout",
             Self::Transport(_) => "transport",
             Self::UnreadableSuccess { .. } => "unreadable_answer",
+            Self::Redirect { .. } => "redirect",
+            Self::DeadlinePassed => "expired",
+            Self::CircuitOpen(_) => "circuit_open",
+            Self::Paused { .. } => "rate_limited",
+        }
+    }
+
+    /// Whether this failure counts toward `DIALER_MAX_ATTEMPTS`: a 429 or a pause it imposed
+    /// is Genesys asking for patience, and a request not sent failed nothing.
+    pub fn counts_as_try(&self) -> bool {
+        !matches!(
+            self,
+            Self::Api { status: 429, .. }
+                | Self::Paused { .. }
+                | Self::CircuitOpen(_)
+                | Self::Cancelled
+                | Self::DeadlinePassed
+        )
+    }
+
+    /// Whether this failure says Genesys is down (feeds the circuit breaker): no connection,
+    /// no answer in time, a broken connection, or a 5xx.
+    pub fn looks_like_outage(&self) -> bool {
+        match self {
+            Self::Connect(_) | Self::Timeout | Self::Transport(_) => true,
+            Self::Api { status, .. } => (500..=599).contains(status),
+            _ => false,
         }
     }
 
@@ -148,6 +215,7 @@ impl GenesysError {
         match self {
             Self::Api { status, .. }
             | Self::CredentialsRefused { status, .. }
+            | Self::Redirect { status, .. }
             | Self::UnreadableSuccess { status, .. } => Some(*status),
             _ => None,
         }
@@ -170,6 +238,8 @@ impl GenesysError {
     }
 
     /// Builds an API error from a status, headers and body (an `ErrorBody` when it parses).
+    /// Every piece of outside text is scrubbed and bounded here, once, so nothing a server
+    /// sends reaches events, dead-letter headers or logs verbatim.
     pub(crate) fn from_answer(
         status: u16,
         correlation_id: Option<String>,
@@ -181,28 +251,41 @@ impl GenesysError {
             Some(b) => (b.code, b.message, b.context_id),
             None => (None, None, None),
         };
-        let message = message.unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(body);
-            let text = text.trim();
-            if text.is_empty() {
-                "(no body)".to_owned()
-            } else {
-                text.chars().take(200).collect()
+        let message = match message {
+            Some(message) => scrub(message.trim(), MESSAGE_LIMIT),
+            None => {
+                let head = &body[..body.len().min(MESSAGE_LIMIT * 4)];
+                let text = String::from_utf8_lossy(head);
+                let text = text.trim();
+                if text.is_empty() {
+                    "(no body)".to_owned()
+                } else {
+                    scrub(text, MESSAGE_LIMIT)
+                }
             }
-        });
+        };
         Self::Api {
             status,
-            code,
+            code: code.map(|c| scrub(&c, SHORT_LIMIT)),
             message,
-            correlation_id: correlation_id.or(context_id),
+            correlation_id: correlation_id
+                .or(context_id)
+                .map(|c| scrub(&c, SHORT_LIMIT)),
             retry_after,
         }
     }
 }
 
-/// Parses `Retry-After` in delta-seconds (what Genesys sends); HTTP dates are not used by Genesys.
-pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+/// Parses `Retry-After` in delta-seconds (what Genesys sends; HTTP dates are not used by
+/// Genesys), capped at [`RETRY_AFTER_CAP`]: a number too large for any integer is the cap, not
+/// an error and never an overflow.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let digits = value.trim();
+    if digits.is_empty() || digits.len() > 64 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let seconds = digits.parse::<u64>().unwrap_or(u64::MAX);
+    Some(Duration::from_secs(seconds).min(RETRY_AFTER_CAP))
 }
 
 #[cfg(test)]
@@ -284,5 +367,45 @@ mod tests {
     fn retry_after_in_seconds() {
         assert_eq!(parse_retry_after(" 42 "), Some(Duration::from_secs(42)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after(""), None);
+    }
+
+    #[test]
+    fn huge_retry_after_is_capped_not_an_overflow() {
+        for huge in ["18446744073709551615", "99999999999999999999999999", "3601"] {
+            assert_eq!(parse_retry_after(huge), Some(RETRY_AFTER_CAP), "{huge}");
+        }
+    }
+
+    #[test]
+    fn outside_text_is_scrubbed_and_bounded() {
+        let body = format!(
+            r#"{{"message":"bad token Bearer {}","code":"{}","contextId":"c"}}"#,
+            "x".repeat(40),
+            "c".repeat(500)
+        );
+        let error = GenesysError::from_answer(400, None, None, body.as_bytes());
+        let text = error.to_string();
+        assert!(!text.contains("xxxx"), "{text}");
+        assert!(error.code().unwrap().chars().count() <= SHORT_LIMIT);
+        let raw = "y".repeat(10_000_000);
+        let error = GenesysError::from_answer(502, None, None, raw.as_bytes());
+        assert!(error.to_string().len() < 2 * MESSAGE_LIMIT);
+    }
+
+    #[test]
+    fn redirects_are_ambiguous_only_where_a_call_may_exist() {
+        let redirect = |may_have_acted| GenesysError::Redirect {
+            status: 307,
+            location: None,
+            may_have_acted,
+        };
+        assert_eq!(redirect(true).class(), ErrorClass::Ambiguous);
+        assert_eq!(
+            redirect(false).class(),
+            ErrorClass::Transient { retry_after: None }
+        );
+        assert_eq!(redirect(true).kind(), "redirect");
     }
 }

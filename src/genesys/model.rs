@@ -1,5 +1,5 @@
 //! Wire types of the Genesys Cloud Platform API v2 that the dialer sends and reads
-//! (schemas from the official SDKs; see `shared/reference/genesys-api.md`).
+//! (schemas from the official SDKs; see `docs/genesys.md`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -151,7 +151,9 @@ pub(crate) struct TokenResponse {
     pub access_token: String,
     #[serde(default)]
     pub token_type: Option<String>,
-    pub expires_in: u64,
+    /// Any JSON number (or digits in a string): read by `token::token_lifetime`, which clamps
+    /// it, so an absurd value is neither an error nor an overflow.
+    pub expires_in: serde_json::Value,
 }
 
 /// Token endpoint error answer.

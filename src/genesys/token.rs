@@ -9,6 +9,8 @@ use url::Url;
 
 use super::error::GenesysError;
 use super::model::{TokenErrorBody, TokenResponse};
+use super::scrub::{MESSAGE_LIMIT, scrub};
+use super::{ANSWER_LIMIT, read_capped};
 use crate::config::Secret;
 use crate::metrics as m;
 
@@ -27,6 +29,31 @@ pub struct Token {
 /// a short lifetime, so a 5-minute token is not renewed every request.
 pub fn renewal_margin(lifetime: Duration) -> Duration {
     (lifetime / 5).min(Duration::from_secs(60))
+}
+
+/// The longest token lifetime believed. Genesys issues at most 48 h; renewing a little early
+/// costs one request a day, while believing an absurd `expires_in` would keep a revoked token
+/// in use (and `18446744073709551615` seconds would overflow the clock).
+pub const TOKEN_LIFETIME_CAP: Duration = Duration::from_secs(24 * 3600);
+
+/// `expires_in` as a lifetime: any JSON number (or a string of digits, as some proxies send),
+/// clamped to 1 s ..= [`TOKEN_LIFETIME_CAP`]; `None` when it is not a number at all.
+pub fn token_lifetime(expires_in: &serde_json::Value) -> Option<Duration> {
+    let seconds = match expires_in {
+        serde_json::Value::Number(n) => match n.as_u64() {
+            Some(s) => s,
+            // Negative, fractional or beyond u64: `as` saturates (NaN cannot come from JSON).
+            None => n.as_f64().map(|f| f.max(0.0) as u64)?,
+        },
+        serde_json::Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<u64>().unwrap_or(u64::MAX)
+        }
+        _ => return None,
+    };
+    // Genesys allows 300 s to 48 h; a token shorter than 1 s would be renewed on every request.
+    Some(Duration::from_secs(
+        seconds.clamp(1, TOKEN_LIFETIME_CAP.as_secs()),
+    ))
 }
 
 /// After a failed token request, callers within this window get the same error without a new
@@ -124,9 +151,15 @@ impl TokenManager {
         match result {
             Ok((value, lifetime)) => {
                 *generation += 1;
+                let now = Instant::now();
+                // The lifetime is capped, so this cannot overflow; checked anyway, since a
+                // panic here would take every job with it.
+                let renew_at = now
+                    .checked_add(lifetime.saturating_sub(renewal_margin(lifetime)))
+                    .unwrap_or(now);
                 let token = Arc::new(Token {
                     value,
-                    renew_at: Instant::now() + lifetime - renewal_margin(lifetime),
+                    renew_at,
                     generation: *generation,
                 });
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
@@ -163,12 +196,26 @@ impl TokenManager {
                 ))
             })?;
         let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(|e| {
+        if (300..400).contains(&status) {
+            // Never followed: the credentials would go wherever the Location says.
+            return Err(GenesysError::TokenUnavailable(format!(
+                "token endpoint answered {status} (a redirect, not followed)"
+            )));
+        }
+        let (body, complete) = read_capped(response, ANSWER_LIMIT).await.map_err(|e| {
             GenesysError::TokenUnavailable(format!("reading the answer: {}", error_chain(&e)))
         })?;
         if response_ok(status) {
+            if !complete {
+                return Err(GenesysError::TokenUnavailable(format!(
+                    "token answer larger than {ANSWER_LIMIT} bytes"
+                )));
+            }
             let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
-                GenesysError::TokenUnavailable(format!("unreadable token answer: {e}"))
+                GenesysError::TokenUnavailable(scrub(
+                    &format!("unreadable token answer: {e}"),
+                    MESSAGE_LIMIT,
+                ))
             })?;
             if parsed
                 .token_type
@@ -177,11 +224,17 @@ impl TokenManager {
             {
                 return Err(GenesysError::TokenUnavailable(format!(
                     "unexpected token_type {:?}",
-                    parsed.token_type
+                    scrub(parsed.token_type.as_deref().unwrap_or_default(), 40)
                 )));
             }
-            // Genesys allows 300 s to 48 h; a token shorter than 1 s would be renewed on every request.
-            let lifetime = Duration::from_secs(parsed.expires_in.max(1));
+            let lifetime = token_lifetime(&parsed.expires_in).ok_or_else(|| {
+                GenesysError::TokenUnavailable("token answer: expires_in is not a number".into())
+            })?;
+            if parsed.access_token.is_empty() {
+                return Err(GenesysError::TokenUnavailable(
+                    "token answer: access_token is empty".into(),
+                ));
+            }
             return Ok((Secret::new(parsed.access_token), lifetime));
         }
         let error: TokenErrorBody = serde_json::from_slice(&body).unwrap_or_default();
@@ -191,10 +244,11 @@ impl TokenManager {
             .collect::<Vec<_>>()
             .join(": ");
         let message = if message.is_empty() {
-            String::from_utf8_lossy(&body).chars().take(200).collect()
+            String::from_utf8_lossy(&body[..body.len().min(4 * MESSAGE_LIMIT)]).into_owned()
         } else {
             message
         };
+        let message = scrub(&message, MESSAGE_LIMIT);
         if matches!(status, 400 | 401) {
             Err(GenesysError::CredentialsRefused { status, message })
         } else {
@@ -239,5 +293,25 @@ mod tests {
             renewal_margin(Duration::from_secs(10)),
             Duration::from_secs(2)
         );
+    }
+
+    #[test]
+    fn lifetimes_are_clamped_whatever_the_number() {
+        use serde_json::json;
+        let day = TOKEN_LIFETIME_CAP;
+        for (value, expected) in [
+            (json!(86_400), Some(day)),
+            (json!(300), Some(Duration::from_secs(300))),
+            (json!(18446744073709551615u64), Some(day)),
+            (json!(1e300), Some(day)),
+            (json!(-5), Some(Duration::from_secs(1))),
+            (json!(0), Some(Duration::from_secs(1))),
+            (json!("3600"), Some(Duration::from_secs(3600))),
+            (json!("99999999999999999999999"), Some(day)),
+            (json!("soon"), None),
+            (json!(null), None),
+        ] {
+            assert_eq!(token_lifetime(&value), expected, "{value}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::http::header::RETRY_AFTER;
+use axum::http::header::{LOCATION, RETRY_AFTER};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
@@ -433,9 +433,14 @@ fn place_call(st: &Shared, user_id: &str, body: &[u8], now: Duration, cid: Uuid)
         }
     };
 
-    let (injection, retry_after) = {
+    let (injection, retry_after, answer_id, error_message) = {
         let mut faults = st.faults_mut();
-        (faults.next_injection(), faults.retry_after())
+        (
+            faults.next_injection(),
+            faults.retry_after(),
+            faults.answer_id(),
+            faults.error_message.clone(),
+        )
     };
     match injection {
         Injection::Fail(status) => {
@@ -444,10 +449,12 @@ fn place_call(st: &Shared, user_id: &str, body: &[u8], now: Duration, cid: Uuid)
             let response = if status == StatusCode::TOO_MANY_REQUESTS {
                 too_many_requests(retry_after, cid)
             } else {
-                let message = format!(
-                    "Injected failure: the simulator was told to answer {}.",
-                    status.as_u16()
-                );
+                let message = error_message.unwrap_or_else(|| {
+                    format!(
+                        "Injected failure: the simulator was told to answer {}.",
+                        status.as_u16()
+                    )
+                });
                 let mut response = api_error(status, code, &message, cid);
                 if status == StatusCode::SERVICE_UNAVAILABLE {
                     response
@@ -466,6 +473,23 @@ fn place_call(st: &Shared, user_id: &str, body: &[u8], now: Duration, cid: Uuid)
             ));
             Handled::Respond(response)
         }
+        Injection::Redirect => {
+            // Back to the same path: a client that follows it sends the POST again, and again.
+            let mut response = api_error(
+                StatusCode::TEMPORARY_REDIRECT,
+                "moved",
+                "Injected redirect: the simulator was told to answer 307.",
+                cid,
+            );
+            let location = format!("/api/v2/conversations/calls/user/{user_id}");
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(LOCATION, value);
+            }
+            let mut journal = st.journal();
+            journal.fault_injected();
+            journal.attempt(attempt(307, Some("moved"), Some(phone), attributes));
+            Handled::Respond(response)
+        }
         Injection::Hang => {
             let mut journal = st.journal();
             journal.fault_injected();
@@ -478,7 +502,7 @@ fn place_call(st: &Shared, user_id: &str, body: &[u8], now: Duration, cid: Uuid)
         Injection::None => {
             let conversation_id = Uuid::new_v4();
             let answer = json!({
-                "id": conversation_id,
+                "id": answer_id.unwrap_or_else(|| conversation_id.to_string()),
                 "name": phone,
                 "selfUri": format!("/api/v2/conversations/calls/{conversation_id}"),
             });

@@ -29,8 +29,24 @@ pub struct Faults {
     pub hang_next: u32,
     /// `/oauth/token` refuses everybody (401) and every issued token is refused on the API (401).
     pub reject_credentials: bool,
-    /// Lifetime of tokens issued from now on, overriding the configured one.
+    /// Lifetime of tokens issued from now on, overriding the configured one (any u64: the
+    /// simulator's own clock saturates).
     pub token_ttl_secs: Option<u64>,
+    /// The next N place-call requests are answered `307 Temporary Redirect` with a `Location`
+    /// pointing back at the same path: a client that follows redirects re-sends the POST.
+    pub redirect_next: u32,
+    /// While set, every `/api/v2` request (not `/oauth/token`, not `/sim`) is answered with this
+    /// status before anything else, as during an outage of the API; a 503 carries `Retry-After`.
+    pub outage_status: Option<u16>,
+    /// Successful place-call answers carry this `id` instead of a fresh conversation id
+    /// (the call is still recorded as placed: the answer is wrong, not the call).
+    pub answer_id: Option<String>,
+    /// The `message` of injected error answers, instead of the simulator's own (to test what
+    /// a client does with outside text, such as an echoed token).
+    pub error_message: Option<String>,
+    /// When above 0, successful place-call answers carry an `id` of this many `x` characters
+    /// (tens of megabytes work), overriding `answer_id`.
+    pub answer_id_bytes: u64,
 }
 
 /// What a place-call request gets instead of (or before) normal handling.
@@ -42,6 +58,8 @@ pub(super) enum Injection {
     Fail(u16),
     /// Never answer.
     Hang,
+    /// Answer 307 with a `Location` back to the same path.
+    Redirect,
 }
 
 impl Faults {
@@ -53,9 +71,11 @@ impl Faults {
                 return Err(format!("{name} must be between 0.0 and 1.0, got {rate}"));
             }
         }
+        let outage: Vec<u16> = self.outage_status.into_iter().collect();
         for (name, statuses) in [
             ("errorStatuses", &self.error_statuses),
             ("failNext", &self.fail_next),
+            ("outageStatus", &outage),
         ] {
             if let Some(bad) = statuses.iter().find(|s| !(400..=599).contains(*s)) {
                 return Err(format!(
@@ -64,6 +84,15 @@ impl Faults {
             }
         }
         Ok(())
+    }
+
+    /// The `id` a successful place-call answer carries instead of `conversation_id`, if any.
+    pub(super) fn answer_id(&self) -> Option<String> {
+        if self.answer_id_bytes > 0 {
+            let bytes = usize::try_from(self.answer_id_bytes).unwrap_or(usize::MAX);
+            return Some("x".repeat(bytes));
+        }
+        self.answer_id.clone()
     }
 
     /// `Retry-After` for injected 429 and 503 answers: a 0 would make clients spin.
@@ -76,6 +105,10 @@ impl Faults {
     pub(super) fn next_injection(&mut self) -> Injection {
         if !self.fail_next.is_empty() {
             return Injection::Fail(self.fail_next.remove(0));
+        }
+        if self.redirect_next > 0 {
+            self.redirect_next -= 1;
+            return Injection::Redirect;
         }
         if self.hang_next > 0 {
             self.hang_next -= 1;
@@ -109,12 +142,14 @@ mod tests {
     fn next_lists_come_first_and_in_order() {
         let mut f = Faults {
             fail_next: vec![503, 429],
+            redirect_next: 1,
             hang_next: 1,
             error_rate: 0.0,
             ..Faults::default()
         };
         assert_eq!(f.next_injection(), Injection::Fail(503));
         assert_eq!(f.next_injection(), Injection::Fail(429));
+        assert_eq!(f.next_injection(), Injection::Redirect);
         assert_eq!(f.next_injection(), Injection::Hang);
         assert_eq!(f.next_injection(), Injection::None);
     }

@@ -184,7 +184,8 @@ impl Shared {
         // 32 random bytes: opaque and unguessable, like the real service's tokens.
         let token = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
         let state = TokenState {
-            expires_at: now + ttl,
+            // Saturating: a test may ask for an `expires_in` of u64::MAX seconds.
+            expires_at: now.saturating_add(ttl),
             window_start: now,
             count: 0,
         };
@@ -379,10 +380,20 @@ async fn api(
     let now = st.clock.now();
     let cid = Uuid::new_v4();
     let seq = st.journal().arrived(now, method, path, Some(cid));
-    let (latency, reject_all) = {
+    let (latency, reject_all, outage, retry_after) = {
         let faults = st.faults_mut();
-        (faults.latency_ms, faults.reject_credentials)
+        (
+            faults.latency_ms,
+            faults.reject_credentials,
+            faults.outage_status,
+            faults.retry_after(),
+        )
     };
+    if let Some(status) = outage {
+        let response = outage_response(st, method, path, body, now, cid, status, retry_after);
+        st.journal().answered(seq, response.status().as_u16());
+        return with_correlation(response, cid);
+    }
     let response = match st.admit(headers, now, reject_all) {
         Err(denied) => {
             let (response, code) = denied.respond(cid);
@@ -429,6 +440,43 @@ async fn api(
     }
     st.journal().answered(seq, response.status().as_u16());
     with_correlation(response, cid)
+}
+
+/// The answer to every `/api/v2` request during an injected outage: nothing is authenticated,
+/// counted or handled; a place-call request is recorded as an attempt.
+#[allow(clippy::too_many_arguments)]
+fn outage_response(
+    st: &Shared,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+    now: Duration,
+    cid: Uuid,
+    status: u16,
+    retry_after: u64,
+) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let unavailable = status == StatusCode::SERVICE_UNAVAILABLE;
+    let code = if unavailable {
+        "service.unavailable"
+    } else {
+        "internal.server.error"
+    };
+    let mut response = api_error(
+        status,
+        code,
+        "Injected outage: the simulator was told the API is down.",
+        cid,
+    );
+    if unavailable {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+    }
+    if let Some(user_id) = api::place_call_user(method, path) {
+        api::record_refused_attempt(st, now, user_id, body, status.as_u16(), code, cid);
+    }
+    response
 }
 
 /// `POST /oauth/token`: the client-credentials grant, as the login host answers it.

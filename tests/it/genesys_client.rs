@@ -23,7 +23,7 @@ async fn places_a_call_with_the_flat_payload_and_caches_the_token() {
     let client = client(&sim);
     for _ in 0..3 {
         let answer = client
-            .place_call(agent_id(), &call("+14155552671"), None)
+            .place_call(agent_id(), &call("+14155552671"), None, None)
             .await;
         let created = answer.result.expect("placed");
         assert!(!created.id.is_empty());
@@ -49,7 +49,7 @@ async fn many_concurrent_callers_share_one_token_request() {
             let client = client.clone();
             tokio::spawn(async move {
                 client
-                    .place_call(agent_id(), &call("+14155552671"), None)
+                    .place_call(agent_id(), &call("+14155552671"), None, None)
                     .await
             })
         })
@@ -68,13 +68,13 @@ async fn renews_the_token_before_it_expires() {
     let sim = spawn_sim(|s| s.token_ttl = Duration::from_secs(2)).await;
     let client = client(&sim);
     client
-        .place_call(agent_id(), &call("+14155552671"), None)
+        .place_call(agent_id(), &call("+14155552671"), None, None)
         .await
         .result
         .expect("placed");
     tokio::time::sleep(Duration::from_millis(1700)).await;
     let answer = client
-        .place_call(agent_id(), &call("+14155552671"), None)
+        .place_call(agent_id(), &call("+14155552671"), None, None)
         .await;
     answer.result.expect("placed with a renewed token");
     assert_eq!(answer.requests, 1, "no 401 round trip");
@@ -87,13 +87,13 @@ async fn renews_once_on_401_and_retries() {
     let sim = spawn_sim(|_| {}).await;
     let client = client(&sim);
     client
-        .place_call(agent_id(), &call("+14155552671"), None)
+        .place_call(agent_id(), &call("+14155552671"), None, None)
         .await
         .result
         .expect("placed");
     sim.revoke_tokens();
     let answer = client
-        .place_call(agent_id(), &call("+14155552671"), None)
+        .place_call(agent_id(), &call("+14155552671"), None, None)
         .await;
     answer.result.expect("placed after renewal");
     assert_eq!(answer.requests, 2, "the refused request and the retry");
@@ -111,7 +111,7 @@ async fn refused_credentials_are_systemic() {
     .await;
     let client = client(&sim);
     let error = client
-        .place_call(agent_id(), &call("+14155552671"), None)
+        .place_call(agent_id(), &call("+14155552671"), None, None)
         .await
         .result
         .expect_err("refused");
@@ -131,7 +131,7 @@ async fn a_token_refused_right_after_issue_is_systemic() {
     let sim = spawn_sim(|_| {}).await;
     let client = client(&sim);
     client
-        .place_call(agent_id(), &call("+14155552671"), None)
+        .place_call(agent_id(), &call("+14155552671"), None, None)
         .await
         .result
         .expect("placed");
@@ -141,7 +141,7 @@ async fn a_token_refused_right_after_issue_is_systemic() {
         ..Faults::default()
     });
     let answer = client
-        .place_call(agent_id(), &call("+14155552671"), None)
+        .place_call(agent_id(), &call("+14155552671"), None, None)
         .await;
     let error = answer.result.expect_err("refused");
     assert_eq!(error.class(), ErrorClass::Systemic, "{error:?}");
@@ -170,7 +170,7 @@ async fn each_error_status_is_classified() {
             ..Faults::default()
         });
         let error = client
-            .place_call(agent_id(), &call("+14155552671"), None)
+            .place_call(agent_id(), &call("+14155552671"), None, None)
             .await
             .result
             .expect_err("injected failure");
@@ -190,7 +190,7 @@ async fn refusals_for_the_job_are_permanent() {
     let unknown_user =
         dialer::genesys::UserId::parse("00000000-0000-4000-8000-000000000000").unwrap();
     let error = client
-        .place_call(unknown_user, &call("+14155552671"), None)
+        .place_call(unknown_user, &call("+14155552671"), None, None)
         .await
         .result
         .expect_err("unknown user");
@@ -201,7 +201,7 @@ async fn refusals_for_the_job_are_permanent() {
     assert_eq!(error.class(), ErrorClass::Permanent);
 
     let error = client
-        .place_call(agent_id(), &call("0123"), None)
+        .place_call(agent_id(), &call("0123"), None, None)
         .await
         .result
         .expect_err("not E.164");
@@ -220,13 +220,13 @@ async fn a_429_is_parsed_and_pauses_the_whole_gate() {
     let client = client(&sim);
     for _ in 0..2 {
         client
-            .place_call(agent_id(), &call("+14155552671"), None)
+            .place_call(agent_id(), &call("+14155552671"), None, None)
             .await
             .result
             .expect("within the limit");
     }
     let error = client
-        .place_call(agent_id(), &call("+14155552671"), None)
+        .place_call(agent_id(), &call("+14155552671"), None, None)
         .await
         .result
         .expect_err("over the limit");
@@ -268,7 +268,7 @@ async fn a_connect_failure_is_transient_and_a_hang_is_ambiguous() {
     settings.api_base = url::Url::parse(&format!("http://127.0.0.1:{port}")).unwrap();
     let client = GenesysClient::new(&settings, open_gate()).unwrap();
     let error = client
-        .place_call(agent_id(), &call("+14155552671"), None)
+        .place_call(agent_id(), &call("+14155552671"), None, None)
         .await
         .result
         .expect_err("nothing listens");
@@ -283,7 +283,7 @@ async fn a_connect_failure_is_transient_and_a_hang_is_ambiguous() {
         ..Faults::default()
     });
     let error = client
-        .place_call(agent_id(), &call("+14155552671"), None)
+        .place_call(agent_id(), &call("+14155552671"), None, None)
         .await
         .result
         .expect_err("hangs");
@@ -327,7 +327,7 @@ async fn a_cancelled_request_waiting_for_its_turn_is_not_sent() {
     let cancel = tokio_util::sync::CancellationToken::new();
     cancel.cancel();
     let answer = client
-        .place_call(agent_id(), &call("+14155552671"), Some(&cancel))
+        .place_call(agent_id(), &call("+14155552671"), Some(&cancel), None)
         .await;
     assert!(matches!(answer.result, Err(GenesysError::Cancelled)));
     assert_eq!(answer.requests, 0);

@@ -4,8 +4,10 @@
 mod children;
 mod cli;
 mod dlq_cli;
+mod edges_api;
 mod enqueue_cli;
 mod events_cli;
+mod fuzz_inputs;
 mod genesys_client;
 mod helpers;
 mod proxy;
