@@ -257,6 +257,9 @@ pub struct SimArgs {
     /// API requests allowed per token (N/s or N/min).
     #[arg(long, env = "DIALER_SIM_RATE_LIMIT", default_value = "300/min")]
     pub rate_limit: String,
+    /// Whose allowance the rate limit is: token (each token its own) or client (all tokens share one).
+    #[arg(long, env = "DIALER_SIM_RATE_SCOPE", default_value = "token")]
+    pub rate_scope: String,
     /// `expires_in` of the tokens it issues.
     #[arg(long, env = "DIALER_SIM_TOKEN_TTL", default_value = "86400s")]
     pub token_ttl: String,

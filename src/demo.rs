@@ -35,6 +35,7 @@ pub async fn run(broker: BrokerSettings, valid_jobs: usize) -> anyhow::Result<()
         agents: agents.clone(),
         rate_limit: 300,
         rate_window: Duration::from_secs(60),
+        rate_scope: sim::RateScope::Token,
         token_ttl: Duration::from_secs(86_400),
         // Some realism: 50 ms per answer, and the first call attempt answers 503 (retried).
         faults: Faults {

@@ -43,6 +43,7 @@ pub(crate) fn sim_settings(rate_limit: u32, rate_window: Duration, latency_ms: u
         agents: SimAgent::demo_set(),
         rate_limit,
         rate_window,
+        rate_scope: sim::RateScope::Token,
         token_ttl: Duration::from_secs(86_400),
         faults: Faults {
             latency_ms,

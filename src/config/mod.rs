@@ -167,8 +167,10 @@ pub struct SimConfig {
     pub client_secret: Secret,
     /// Raw agents JSON (or `None` for the demo set).
     pub agents_json: Option<String>,
-    /// API requests allowed per token.
+    /// API requests allowed per token (or per client).
     pub rate_limit: Rate,
+    /// Whose allowance `rate_limit` is.
+    pub rate_scope: crate::sim::RateScope,
     /// `expires_in` of issued tokens.
     pub token_ttl: Duration,
 }
@@ -484,6 +486,8 @@ pub fn sim_config(args: &SimArgs) -> Result<SimConfig> {
     let addr = socket_addr(&args.addr, "DIALER_SIM_ADDR", "addr")?;
     let rate_limit = parse_rate(&args.rate_limit)
         .map_err(|problem| ConfigError::new("DIALER_SIM_RATE_LIMIT", "rate-limit", problem))?;
+    let rate_scope = crate::sim::RateScope::parse(&args.rate_scope)
+        .map_err(|problem| ConfigError::new("DIALER_SIM_RATE_SCOPE", "rate-scope", problem))?;
     let token_ttl = duration(&args.token_ttl, "DIALER_SIM_TOKEN_TTL", "token-ttl")?;
     if token_ttl < Duration::from_secs(1) {
         return Err(ConfigError::new(
@@ -517,6 +521,7 @@ pub fn sim_config(args: &SimArgs) -> Result<SimConfig> {
         client_secret: Secret::new(args.client_secret.trim()),
         agents_json,
         rate_limit,
+        rate_scope,
         token_ttl,
     })
 }

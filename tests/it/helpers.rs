@@ -32,6 +32,7 @@ pub fn sim_settings() -> SimSettings {
         agents: SimAgent::demo_set(),
         rate_limit: 100_000,
         rate_window: Duration::from_secs(60),
+        rate_scope: sim::RateScope::Token,
         token_ttl: Duration::from_secs(86_400),
         faults: Faults::default(),
     }
