@@ -113,6 +113,12 @@ pub struct RunArgs {
     /// Requests allowed back to back above the steady rate.
     #[arg(long, env = "DIALER_RATE_BURST", default_value = "1")]
     pub rate_burst: String,
+    /// Whose budget DIALER_RATE_LIMIT is: process (this one's) or fleet (all replicas together).
+    #[arg(long, env = "DIALER_RATE_SCOPE", default_value = "process")]
+    pub rate_scope: String,
+    /// Redis holding the fleet's shared rate budget (fleet scope; without it: equal shares).
+    #[arg(long, env = "DIALER_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
     /// Genesys attempts per job before `failed`.
     #[arg(long, env = "DIALER_MAX_ATTEMPTS", default_value = "5")]
     pub max_attempts: String,

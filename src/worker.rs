@@ -94,7 +94,7 @@ pub async fn start(
         }
         DecisionStoreKind::Redis => anyhow::bail!("DIALER_DECISIONS=redis is not available yet"),
     };
-    let gate = Arc::new(RateGate::new(settings.rate_limit, settings.rate_burst));
+    let gate = Arc::new(RateGate::for_settings(&settings, &shutdown));
     let genesys =
         GenesysClient::new(&settings.genesys, gate).context("cannot set up the Genesys client")?;
     let topology = Topology::new(&settings.broker.prefix, settings.broker.queue_type);
@@ -115,6 +115,7 @@ pub async fn start(
         api = %settings.genesys.api_base,
         rate = %settings.rate_limit,
         burst = settings.rate_burst.get(),
+        rate_mode = pipeline.genesys.gate().mode().as_str(),
         concurrency = settings.concurrency.get(),
         store = %pipeline.store.describe(),
         metrics = %metrics_addr,

@@ -266,8 +266,10 @@ impl GenesysClient {
                         _ => None,
                     };
                     // Genesys always sends Retry-After on 429; one second if a proxy dropped it.
+                    // The gate pauses (the fleet, in fleet scope) and lowers its rate.
                     self.gate
-                        .pause_for(retry_after.unwrap_or(Duration::from_secs(1)));
+                        .rate_limited(retry_after.unwrap_or(Duration::from_secs(1)))
+                        .await;
                     metrics::counter!(m::GENESYS_RATE_LIMITED_TOTAL).increment(1);
                     return Answer {
                         result: Err(error),
@@ -304,6 +306,11 @@ impl GenesysClient {
         ) {
             metrics::gauge!(m::GENESYS_RATELIMIT_USED).set(count);
             metrics::gauge!(m::GENESYS_RATELIMIT_ALLOWED).set(allowed);
+            // With the seconds to the reset the gate can slow down before a 429 comes.
+            if let Some(reset) = header("inin-ratelimit-reset").and_then(|v| v.parse::<f64>().ok())
+            {
+                self.gate.observe_allowance(count, allowed, reset).await;
+            }
         }
         if (200..300).contains(&status) {
             return serde_json::from_slice(&body).map_err(|e| GenesysError::UnreadableSuccess {

@@ -171,6 +171,8 @@ pub async fn run_settings(sim: &SimHandle) -> RunSettings {
             .join(format!("dialer-test-{}", uuid::Uuid::new_v4().simple())),
         shutdown_grace: Duration::from_secs(5),
         worker_name: "test-worker".into(),
+        rate_scope: dialer::config::RateScope::Process,
+        redis_url: None,
     }
 }
 
