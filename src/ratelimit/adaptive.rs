@@ -107,6 +107,8 @@ impl Adaptive {
         self.ceiling = Some(granted);
         self.rate = target;
         self.changed_ms = now_ms;
+        // 429s of requests sent before this decrease describe the overshoot it corrects.
+        self.decreased_ms = now_ms;
         true
     }
 
@@ -246,6 +248,11 @@ mod tests {
         // 300 per minute: 4.75/s.
         assert!(state.on_allowance(LIMITS, 290.0, 300.0, 60.0, 400));
         assert!(close(state.rate, 4.75));
+        // A 429 of a request sent before the decrease does not lower it again; a later one does.
+        assert!(!state.on_rate_limited(LIMITS, 400 + REACTION_MS - 1));
+        assert!(close(state.rate, 4.75));
+        assert!(state.on_rate_limited(LIMITS, 400 + REACTION_MS));
+        assert!(close(state.rate, 3.8));
         // Nonsense is ignored.
         assert!(!state.on_allowance(LIMITS, 9.0, 0.0, 1.0, 500));
         assert!(!state.on_allowance(LIMITS, 9.0, 10.0, 0.0, 500));

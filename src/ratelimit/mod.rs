@@ -280,7 +280,13 @@ impl RateGate {
                     }
                     return slot.wait;
                 }
-                Err(error) => self.redis_failed(&error),
+                Err(error) => {
+                    self.redis_failed(&error);
+                    // The fleet may have handed out slots up to now: the first share-mode
+                    // request waits one share interval instead of leaving at once.
+                    let rate = self.control().adaptive.rate / f64::from(fleet.consumers());
+                    *tat = Some(Instant::now() + interval(rate));
+                }
             }
         }
         let consumers = fleet.consumers();
