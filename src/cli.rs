@@ -221,7 +221,7 @@ pub struct BenchArgs {
     /// Rounds of (1) and (2), run alternately; the medians are reported. Default 3, 1 with --quick.
     #[arg(long, env = "DIALER_BENCH_ROUNDS")]
     pub rounds: Option<String>,
-    /// The rate limit R of the precision run (3), requests per second.
+    /// The rate limit R of the precision run (3) and the fleet's budget in (8) and (9), requests per second.
     #[arg(long, env = "DIALER_BENCH_RATE", default_value = "20")]
     pub rate: String,
     /// The burst of the precision run (3).
@@ -230,8 +230,9 @@ pub struct BenchArgs {
     /// How long the precision run (3) keeps a backlog; default 30s, 3s with --quick.
     #[arg(long, env = "DIALER_BENCH_RATE_DURATION")]
     pub rate_duration: Option<String>,
-    /// Run only these measurements (comma-separated numbers 1-7 or names: ceiling, throughput,
-    /// rate, overhead, slow, memory, simulator); default all.
+    /// Run only these measurements (comma-separated numbers 1-9 or names: ceiling, throughput,
+    /// rate, overhead, slow, memory, simulator, fleet, adaptive); default all. (8) and (9) use
+    /// the Redis of DIALER_REDIS_URL, default redis://127.0.0.1:6379.
     #[arg(long, env = "DIALER_BENCH_ONLY")]
     pub only: Option<String>,
     /// Where the in-process worker's logs go (RUST_LOG filters them, default info); default
