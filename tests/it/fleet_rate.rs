@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use dialer::ratelimit::{RateGate, RateMode};
 use dialer::sim::{RateScope, RequestRecord};
 
 use crate::children::ChildWorker;
@@ -288,6 +289,42 @@ async fn the_adaptive_limit_settles_just_under_a_limit_half_the_budget() {
     );
     delete_redis_keys(&prefix).await;
     app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_429_at_one_replica_pauses_and_slows_the_whole_fleet_through_redis() {
+    let sim = spawn_sim(|_| {}).await;
+    let mut settings = run_settings(&sim).await;
+    settings.rate_scope = dialer::config::RateScope::Fleet;
+    settings.redis_url = Some(dialer::config::Secret::new(format!("redis://{REDIS}")));
+    settings.rate_limit = dialer::config::Rate::new(100, Duration::from_secs(1)).expect("rate");
+    settings.rate_burst = std::num::NonZeroU32::MIN;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // Two replicas' gates, as two processes would hold them.
+    let first = RateGate::for_settings(&settings, &shutdown);
+    let second = RateGate::for_settings(&settings, &shutdown);
+    first.acquire().await;
+    second.acquire().await;
+    assert_eq!(first.mode(), RateMode::Redis);
+    assert_eq!(second.mode(), RateMode::Redis);
+
+    first.rate_limited(Duration::from_millis(1500)).await;
+    assert!(second.pause_deadline().is_none(), "nothing told it locally");
+    let waited = second.acquire().await;
+    assert!(
+        waited >= Duration::from_millis(1200),
+        "the other replica's next request left after {waited:?}, inside the fleet's pause"
+    );
+    // The fleet's effective rate fell by a fifth, for both.
+    assert!(
+        (second.effective_rate() - 80.0).abs() < 1e-6,
+        "{}",
+        second.effective_rate()
+    );
+    assert!((first.effective_rate() - 80.0).abs() < 1e-6);
+    shutdown.cancel();
+    delete_redis_keys(&settings.broker.prefix).await;
+    sim.shutdown().await;
 }
 
 #[test]
