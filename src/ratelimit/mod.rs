@@ -68,6 +68,9 @@ pub struct RateGate {
     control: Mutex<Control>,
     /// Requests were held back since the last step up: the rate is in use, probing is useful.
     held_back: AtomicBool,
+    /// Just switched to the share mode: the fleet may have handed out slots up to now, so the
+    /// first share-mode request waits one share interval instead of leaving at once.
+    share_fresh: AtomicBool,
     /// Fleet scope only.
     fleet: Option<fleet::Fleet>,
 }
@@ -118,6 +121,7 @@ impl RateGate {
                 window: WindowEstimate::default(),
             }),
             held_back: AtomicBool::new(false),
+            share_fresh: AtomicBool::new(false),
             fleet,
         };
         metrics::gauge!(m::RATE_LIMIT_CONFIGURED).set(limits.budget);
@@ -280,17 +284,14 @@ impl RateGate {
                     }
                     return slot.wait;
                 }
-                Err(error) => {
-                    self.redis_failed(&error);
-                    // The fleet may have handed out slots up to now: the first share-mode
-                    // request waits one share interval instead of leaving at once.
-                    let rate = self.control().adaptive.rate / f64::from(fleet.consumers());
-                    *tat = Some(Instant::now() + interval(rate));
-                }
+                Err(error) => self.redis_failed(&error),
             }
         }
         let consumers = fleet.consumers();
         let rate = self.control().adaptive.rate / f64::from(consumers);
+        if self.share_fresh.swap(false, Ordering::Relaxed) {
+            *tat = Some(Instant::now() + interval(rate));
+        }
         metrics::gauge!(m::RATE_LIMIT_EFFECTIVE).set(rate);
         // Each replica's own burst adds up across the fleet: split it too (at least 1 each).
         let burst = (self.burst / consumers).max(1);
@@ -330,6 +331,7 @@ impl RateGate {
     fn redis_failed(&self, error: &fleet::FleetError) {
         let Some(fleet) = &self.fleet else { return };
         if fleet.switch(RateMode::Share) {
+            self.share_fresh.store(true, Ordering::Relaxed);
             if let Some(state) = fleet.cached_state() {
                 self.control().adaptive = state;
             }
