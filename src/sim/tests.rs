@@ -397,9 +397,10 @@ async fn place_call_refuses_bad_requests_like_genesys() {
 
 #[tokio::test]
 async fn rate_limit_answers_429_then_recovers_after_the_window() {
+    // A 3-s window: four requests fit in it even on a machine busy with builds.
     let sim = start(SimSettings {
         rate_limit: 3,
-        rate_window: Duration::from_secs(1),
+        rate_window: Duration::from_secs(3),
         ..settings()
     })
     .await
@@ -414,7 +415,11 @@ async fn rate_limit_answers_429_then_recovers_after_the_window() {
             Some(n.to_string().as_str())
         );
         assert_eq!(header(&response, "inin-ratelimit-allowed"), Some("3"));
-        assert_eq!(header(&response, "inin-ratelimit-reset"), Some("1"));
+        let reset: u64 = header(&response, "inin-ratelimit-reset")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=3).contains(&reset), "reset {reset}");
     }
     let response = place(&sim, &token, AGENT1, json!({"phoneNumber": "+15551234567"})).await;
     let retry_after: u64 = header(&response, "retry-after").unwrap().parse().unwrap();
@@ -430,7 +435,7 @@ async fn rate_limit_answers_429_then_recovers_after_the_window() {
     assert!(sim.placed_calls().is_empty());
 
     // Poll (bounded) until the window has rolled over.
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(6);
     loop {
         let response = get(&sim, Some(&token), &path).await;
         if response.status() == StatusCode::OK {
