@@ -243,6 +243,7 @@ pub fn sim_settings(
         agents,
         rate_limit: cfg.rate_limit.count.get(),
         rate_window: cfg.rate_limit.per,
+        rate_scope: cfg.rate_scope,
         token_ttl: cfg.token_ttl,
         faults,
     })

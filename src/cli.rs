@@ -230,6 +230,12 @@ pub struct RunArgs {
     /// Requests allowed back to back above the steady rate.
     #[arg(long, env = "DIALER_RATE_BURST", default_value = "1")]
     pub rate_burst: String,
+    /// Whose budget DIALER_RATE_LIMIT is: process (this one's) or fleet (all replicas together).
+    #[arg(long, env = "DIALER_RATE_SCOPE", default_value = "process")]
+    pub rate_scope: String,
+    /// Redis holding the fleet's shared rate budget (fleet scope; without it: equal shares).
+    #[arg(long, env = "DIALER_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
     /// Genesys attempts per job before `failed`.
     #[arg(long, env = "DIALER_MAX_ATTEMPTS", default_value = "5")]
     pub max_attempts: String,
@@ -358,7 +364,7 @@ pub struct BenchArgs {
     /// Rounds of (1) and (2), run alternately; the medians are reported. Default 3, 1 with --quick.
     #[arg(long, env = "DIALER_BENCH_ROUNDS")]
     pub rounds: Option<String>,
-    /// The rate limit R of the precision run (3), requests per second.
+    /// The rate limit R of the precision run (3) and the fleet's budget in (8) and (9), requests per second.
     #[arg(long, env = "DIALER_BENCH_RATE", default_value = "20")]
     pub rate: String,
     /// The burst of the precision run (3).
@@ -367,8 +373,9 @@ pub struct BenchArgs {
     /// How long the precision run (3) keeps a backlog; default 30s, 3s with --quick.
     #[arg(long, env = "DIALER_BENCH_RATE_DURATION")]
     pub rate_duration: Option<String>,
-    /// Run only these measurements (comma-separated numbers 1-7 or names: ceiling, throughput,
-    /// rate, overhead, slow, memory, simulator); default all.
+    /// Run only these measurements (comma-separated numbers 1-9 or names: ceiling, throughput,
+    /// rate, overhead, slow, memory, simulator, fleet, adaptive); default all. (8) and (9) use
+    /// the Redis of DIALER_REDIS_URL, default redis://127.0.0.1:6379.
     #[arg(long, env = "DIALER_BENCH_ONLY")]
     pub only: Option<String>,
     /// Where the in-process worker's logs go (RUST_LOG filters them, default info); default
@@ -400,6 +407,9 @@ pub struct SimArgs {
     /// API requests allowed per token (N/s or N/min).
     #[arg(long, env = "DIALER_SIM_RATE_LIMIT", default_value = "300/min")]
     pub rate_limit: String,
+    /// Whose allowance the rate limit is: token (each token its own) or client (all tokens share one).
+    #[arg(long, env = "DIALER_SIM_RATE_SCOPE", default_value = "token")]
+    pub rate_scope: String,
     /// `expires_in` of the tokens it issues.
     #[arg(long, env = "DIALER_SIM_TOKEN_TTL", default_value = "86400s")]
     pub token_ttl: String,

@@ -35,6 +35,7 @@ pub async fn run(broker: BrokerSettings, valid_jobs: usize) -> anyhow::Result<()
         agents: agents.clone(),
         rate_limit: 300,
         rate_window: Duration::from_secs(60),
+        rate_scope: sim::RateScope::Token,
         token_ttl: Duration::from_secs(86_400),
         // Some realism: 50 ms per answer, and the first call attempt answers 503 (retried).
         faults: Faults {
@@ -71,6 +72,8 @@ pub async fn run(broker: BrokerSettings, valid_jobs: usize) -> anyhow::Result<()
         state_dir: std::env::temp_dir(),
         shutdown_grace: Duration::from_secs(5),
         worker_name: "demo".into(),
+        rate_scope: crate::config::RateScope::Process,
+        redis_url: None,
     };
     let topology = Topology::new(&settings.broker.prefix, settings.broker.queue_type);
     let connection = broker::connect(&settings.broker.amqp_url, "dialer demo (CRM side)")

@@ -39,6 +39,16 @@ pub const BUILD_INFO: &str = "dialer_build_info";
 pub const GENESYS_RATELIMIT_USED: &str = "dialer_genesys_ratelimit_used";
 /// See [`GENESYS_RATELIMIT_USED`].
 pub const GENESYS_RATELIMIT_ALLOWED: &str = "dialer_genesys_ratelimit_allowed";
+/// Requests per second of `DIALER_RATE_LIMIT`.
+pub const RATE_LIMIT_CONFIGURED: &str = "dialer_rate_limit_configured";
+/// Requests per second this process currently allows itself (after 429s, the headers, its share).
+pub const RATE_LIMIT_EFFECTIVE: &str = "dialer_rate_limit_effective";
+/// 1 for the rate mode in force, 0 for the others; label `mode` = process|redis|share.
+pub const RATE_MODE: &str = "dialer_rate_mode";
+/// Switches between the fleet's rate modes; label `to` = redis|share.
+pub const RATE_MODE_SWITCHES_TOTAL: &str = "dialer_rate_mode_switches_total";
+/// Consumers on the jobs queue, as last read (the divisor of the share mode).
+pub const FLEET_CONSUMERS: &str = "dialer_fleet_consumers";
 
 /// Gauge: 1 while the circuit breaker is open (Genesys looks down, or asked for a long pause).
 pub const CIRCUIT_OPEN: &str = "dialer_circuit_open";
@@ -143,6 +153,26 @@ fn describe() {
     describe_counter!(
         JOB_PANICS_TOTAL,
         "Job steps that panicked; each job still ended with a requeue or an event."
+    );
+    describe_gauge!(
+        RATE_LIMIT_CONFIGURED,
+        "Genesys API requests per second of DIALER_RATE_LIMIT (the fleet's budget in fleet scope)."
+    );
+    describe_gauge!(
+        RATE_LIMIT_EFFECTIVE,
+        "Genesys API requests per second this process currently allows itself."
+    );
+    describe_gauge!(
+        RATE_MODE,
+        "1 for the rate mode in force (process, redis or share), 0 for the others."
+    );
+    describe_counter!(
+        RATE_MODE_SWITCHES_TOTAL,
+        "Switches of the fleet rate mode, by the mode switched to."
+    );
+    describe_gauge!(
+        FLEET_CONSUMERS,
+        "Consumers on the jobs queue as last read: the share mode's divisor."
     );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Series exist from the start at zero, so the first `unknown` or the first pause is an

@@ -96,7 +96,7 @@ pub async fn start(
         }
         DecisionStoreKind::Redis => anyhow::bail!("DIALER_DECISIONS=redis is not available yet"),
     };
-    let gate = Arc::new(RateGate::new(settings.rate_limit, settings.rate_burst));
+    let gate = Arc::new(RateGate::for_settings(&settings, &shutdown));
     let genesys =
         GenesysClient::new(&settings.genesys, gate).context("cannot set up the Genesys client")?;
     let topology = Arc::new(Topology::new(
@@ -120,6 +120,7 @@ pub async fn start(
         api = %settings.genesys.api_base,
         rate = %settings.rate_limit,
         burst = settings.rate_burst.get(),
+        rate_mode = pipeline.genesys().gate().mode().as_str(),
         concurrency = settings.concurrency.get(),
         store = %pipeline.describe_store(),
         metrics = %metrics_addr,

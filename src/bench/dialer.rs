@@ -43,6 +43,7 @@ pub(crate) fn sim_settings(rate_limit: u32, rate_window: Duration, latency_ms: u
         agents: SimAgent::demo_set(),
         rate_limit,
         rate_window,
+        rate_scope: sim::RateScope::Token,
         token_ttl: Duration::from_secs(86_400),
         faults: Faults {
             latency_ms,
@@ -102,6 +103,8 @@ impl InProcess {
             state_dir: file_store.map_or_else(std::env::temp_dir, Path::to_path_buf),
             shutdown_grace: Duration::from_secs(10),
             worker_name: super::WORKER_NAME.to_owned(),
+            rate_scope: crate::config::RateScope::Process,
+            redis_url: None,
         };
         let shutdown = CancellationToken::new();
         let worker = crate::worker::start(settings, shutdown.clone()).await?;

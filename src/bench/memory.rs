@@ -54,7 +54,13 @@ pub(crate) async fn run(
 async fn measure(lab: &Lab, plan: &Plan, run_id: &str) -> anyhow::Result<Memory> {
     let sim = unlimited_sim(plan.memory_latency_ms).await?;
     let port = free_port()?;
-    let mut child = spawn_worker(&lab.broker, &sim.base_url(), plan.memory_concurrency, port)?;
+    let mut child = spawn_worker(
+        &lab.broker,
+        &sim.base_url(),
+        plan.memory_concurrency,
+        port,
+        &[],
+    )?;
     let pid = child.id().context("the worker exited at once")?;
     let last_lines = drain(child.stderr.take());
     let outcome = async {
@@ -99,13 +105,14 @@ async fn measure(lab: &Lab, plan: &Plan, run_id: &str) -> anyhow::Result<Memory>
     outcome
 }
 
-/// `dialer run` with the bench's settings, its logs discarded (RUST_LOG still applies, so it
-/// pays for them as a deployed worker would).
-fn spawn_worker(
+/// `dialer run` with the bench's settings and `extra` variables (set last, so they win), its
+/// logs discarded (RUST_LOG still applies, so it pays for them as a deployed worker would).
+pub(crate) fn spawn_worker(
     broker: &BrokerSettings,
     sim_url: &str,
     concurrency: u16,
     metrics_port: u16,
+    extra: &[(&str, String)],
 ) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("finding the dialer binary")?;
     let queue_type = match broker.queue_type {
@@ -127,6 +134,9 @@ fn spawn_worker(
         .env("GENESYS_CLIENT_ID", CLIENT_ID)
         .env("GENESYS_CLIENT_SECRET", CLIENT_SECRET)
         .env_remove("GENESYS_CLIENT_SECRET_FILE")
+        // Process scope unless `extra` says otherwise, whatever the bench's environment holds.
+        .env_remove("DIALER_RATE_SCOPE")
+        .env_remove("DIALER_REDIS_URL")
         .env("GENESYS_API_BASE_URL", sim_url)
         .env("GENESYS_LOGIN_BASE_URL", sim_url)
         .stdin(Stdio::null())
@@ -138,14 +148,17 @@ fn spawn_worker(
     if std::env::var_os("RUST_LOG").is_none() {
         command.env("RUST_LOG", "info");
     }
+    for (name, value) in extra {
+        command.env(name, value);
+    }
     command.spawn().context("starting `dialer run`")
 }
 
 /// The last lines a child wrote to stderr, kept while it runs.
-type LastLines = Arc<Mutex<VecDeque<String>>>;
+pub(crate) type LastLines = Arc<Mutex<VecDeque<String>>>;
 
 /// Reads the child's stderr to the end in the background, keeping the last few lines.
-fn drain(stderr: Option<ChildStderr>) -> LastLines {
+pub(crate) fn drain(stderr: Option<ChildStderr>) -> LastLines {
     let last: LastLines = Arc::default();
     if let Some(stderr) = stderr {
         let keep = last.clone();
@@ -165,7 +178,11 @@ fn drain(stderr: Option<ChildStderr>) -> LastLines {
 }
 
 /// Waits until the child's `/readyz` answers 200, or fails with what it printed if it exits.
-async fn wait_ready(child: &mut Child, port: u16, last_lines: &LastLines) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(
+    child: &mut Child,
+    port: u16,
+    last_lines: &LastLines,
+) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
         .build()
@@ -200,7 +217,7 @@ async fn wait_ready(child: &mut Child, port: u16, last_lines: &LastLines) -> any
 }
 
 /// SIGTERM (a clean drain), then SIGKILL if it has not stopped within a few seconds.
-async fn stop(child: &mut Child) {
+pub(crate) async fn stop(child: &mut Child) {
     if let Some(pid) = child.id() {
         // std has no SIGTERM; `kill` is on every Linux this runs on. If it is missing, SIGKILL.
         let _ = Command::new("kill")
@@ -221,7 +238,7 @@ async fn stop(child: &mut Child) {
 
 /// A port free right now on loopback, for the child's metrics endpoint (it needs a fixed one
 /// so the bench can poll `/readyz`; the tiny race with another process is acceptable here).
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         .context("finding a free port")?;
     Ok(listener.local_addr().context("reading the port")?.port())

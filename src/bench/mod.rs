@@ -1,6 +1,8 @@
 //! `dialer bench`: measures, in one run against a real broker and an in-process simulator, the
 //! broker's ceiling for the worker's traffic, the worker's throughput, rate precision, overhead,
-//! behaviour against a slow Genesys, memory and the simulator's own capacity (issue 4).
+//! behaviour against a slow Genesys, memory and the simulator's own capacity (issue 4); and for
+//! a fleet of three worker processes, the shared budget's precision and the adaptive limit's
+//! goodput (issue 7).
 //!
 //! Each measurement gets its own queue names (`<prefix>.bench-<run id>-<name>.*`) and deletes
 //! them when done; every loop is bounded in count and time; traffic goes only to 127.0.0.1 and
@@ -10,6 +12,7 @@ mod ceiling;
 mod chart;
 mod cpu;
 mod dialer;
+mod fleet;
 mod font;
 mod lab;
 mod memory;
@@ -29,7 +32,7 @@ use crate::cli::BenchArgs;
 use crate::config::{self, BrokerSettings, ConfigError, QueueType};
 use report::Report;
 
-/// The seven measurements, in the order they run and print.
+/// The nine measurements, in the order they run and print.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Measure {
     /// (1) The broker's ceiling for the worker's traffic.
@@ -46,10 +49,14 @@ pub enum Measure {
     Memory,
     /// (7) The simulator's capacity.
     Simulator,
+    /// (8) Fleet precision: three processes sharing one budget, with Redis and in share mode.
+    Fleet,
+    /// (9) Adaptive goodput against a limit half the budget.
+    Adaptive,
 }
 
 impl Measure {
-    const ALL: [Measure; 7] = [
+    const ALL: [Measure; 9] = [
         Self::Ceiling,
         Self::Throughput,
         Self::Rate,
@@ -57,6 +64,8 @@ impl Measure {
         Self::Slow,
         Self::Memory,
         Self::Simulator,
+        Self::Fleet,
+        Self::Adaptive,
     ];
 
     fn name(self) -> &'static str {
@@ -68,6 +77,8 @@ impl Measure {
             Self::Slow => "slow",
             Self::Memory => "memory",
             Self::Simulator => "simulator",
+            Self::Fleet => "fleet",
+            Self::Adaptive => "adaptive",
         }
     }
 
@@ -181,7 +192,7 @@ pub fn settings(args: &BenchArgs) -> Result<BenchSettings, ConfigError> {
                     bad(
                         "DIALER_BENCH_ONLY",
                         "only",
-                        format!("{item:?} is not a measurement; expected 1-7 or ceiling, throughput, rate, overhead, slow, memory, simulator"),
+                        format!("{item:?} is not a measurement; expected 1-9 or ceiling, throughput, rate, overhead, slow, memory, simulator, fleet, adaptive"),
                     )
                 })
             })
@@ -237,6 +248,14 @@ pub(crate) struct Plan {
     memory_jobs: usize,
     sim_clients: usize,
     sim_duration: Duration,
+    /// The fleet's budget R of (8) and (9) (the simulator's limit in (9) is half of it).
+    fleet_rate: u32,
+    /// The burst of (8).
+    fleet_burst: u32,
+    /// How long (8) and (9) measure.
+    fleet_duration: Duration,
+    /// What (9) leaves out at the start, while the limit is being found.
+    adaptive_warm_up: Duration,
     /// The longest any single wait of a measurement may take before it fails.
     run_timeout: Duration,
 }
@@ -270,6 +289,15 @@ impl Plan {
             } else {
                 Duration::from_secs(3)
             },
+            fleet_rate: settings.rate,
+            // As many as replicas: in share mode each replica gets at least 1 (see the docs).
+            fleet_burst: 3,
+            fleet_duration: if quick {
+                Duration::from_secs(4)
+            } else {
+                Duration::from_secs(30)
+            },
+            adaptive_warm_up: Duration::from_secs(10),
             run_timeout: if quick {
                 Duration::from_secs(60)
             } else {
@@ -440,6 +468,16 @@ async fn bench(settings: BenchSettings) -> anyhow::Result<()> {
                 }
                 Measure::Memory => report.memory = Some(memory::run(broker, &plan, &run_id).await?),
                 Measure::Simulator => report.simulator = Some(simcap::run(&plan).await?),
+                Measure::Fleet => {
+                    // Both modes even if one fails: they answer different questions.
+                    let redis = fleet::precision(broker, &plan, &run_id, true).await;
+                    let share = fleet::precision(broker, &plan, &run_id, false).await;
+                    report.fleet_redis = Some(redis?);
+                    report.fleet_share = Some(share?);
+                }
+                Measure::Adaptive => {
+                    report.adaptive = Some(fleet::adaptive(broker, &plan, &run_id).await?)
+                }
             }
             Ok(())
         };
@@ -510,7 +548,7 @@ async fn bench(settings: BenchSettings) -> anyhow::Result<()> {
 }
 
 /// The names of every measurement's queues (`<prefix>.bench-<run id>-<name>.*`).
-const LAB_NAMES: [&str; 7] = [
+const LAB_NAMES: [&str; 10] = [
     "ceiling",
     "throughput",
     "throughput-file",
@@ -518,6 +556,9 @@ const LAB_NAMES: [&str; 7] = [
     "overhead",
     "slow",
     "memory",
+    "fleet-redis",
+    "fleet-share",
+    "adaptive",
 ];
 
 /// The step of (2) that runs with the file decision store.
@@ -609,7 +650,9 @@ mod tests {
         assert_eq!(Measure::parse("1"), Some(Measure::Ceiling));
         assert_eq!(Measure::parse(" memory "), Some(Measure::Memory));
         assert_eq!(Measure::parse("7"), Some(Measure::Simulator));
-        assert_eq!(Measure::parse("8"), None);
+        assert_eq!(Measure::parse("8"), Some(Measure::Fleet));
+        assert_eq!(Measure::parse("adaptive"), Some(Measure::Adaptive));
+        assert_eq!(Measure::parse("10"), None);
         assert_eq!(
             chart_next_to(Path::new("target/b.json")),
             PathBuf::from("target/b-rate.png")

@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::ceiling::Ceiling;
 use super::cpu::CpuUse;
 use super::dialer::{Overhead, RatePrecision, SlowGenesys, Throughput};
+use super::fleet::{AdaptiveGoodput, FleetPrecision};
 use super::memory::Memory;
 use super::simcap::SimCapacity;
 
@@ -22,6 +23,12 @@ pub(crate) mod goals {
     pub(crate) const SLOW_RATIO: f64 = 0.95;
     /// (6) peak RSS, MiB.
     pub(crate) const PEAK_RSS_MIB: f64 = 64.0;
+    /// (8): the fleet sends at least this share of its budget.
+    pub(crate) const FLEET_PRECISION: f64 = 0.95;
+    /// (9): goodput at least this share of the limit found.
+    pub(crate) const ADAPTIVE_GOODPUT: f64 = 0.9;
+    /// (9): at most this share of 429s.
+    pub(crate) const ADAPTIVE_429: f64 = 0.02;
 }
 
 /// Everything one `dialer bench` run measured.
@@ -70,6 +77,12 @@ pub(crate) struct Report {
     pub(crate) memory: Option<Memory>,
     /// (7).
     pub(crate) simulator: Option<SimCapacity>,
+    /// (8) with Redis.
+    pub(crate) fleet_redis: Option<FleetPrecision>,
+    /// (8) in share mode.
+    pub(crate) fleet_share: Option<FleetPrecision>,
+    /// (9).
+    pub(crate) adaptive: Option<AdaptiveGoodput>,
     /// Where the rate chart was written.
     pub(crate) chart: Option<String>,
     /// Measurements that failed, with why.
@@ -263,6 +276,55 @@ impl Report {
                     s.clients, s.seconds, s.errors
                 ),
                 versus,
+            ]);
+        }
+        for f in [&self.fleet_redis, &self.fleet_share].into_iter().flatten() {
+            let ok = f.precision >= goals::FLEET_PRECISION
+                && f.max_in_any_second as u32 <= f.bound_per_second;
+            rows.push([
+                format!(
+                    "8 fleet precision, {} (R = {}/s, burst {})",
+                    f.mode, f.limit_per_sec, f.burst
+                ),
+                format!(
+                    "sum {:.3} of R; max {} in any 1 s",
+                    f.precision, f.max_in_any_second
+                ),
+                format!(
+                    "3 `dialer run` processes, fleet scope, {:.0} s backlog, {} requests",
+                    f.seconds, f.requests
+                ),
+                format!(
+                    ">= {:.2}, <= {} in 1 s: {}",
+                    goals::FLEET_PRECISION,
+                    f.bound_per_second,
+                    verdict(ok)
+                ),
+            ]);
+        }
+        if let Some(a) = &self.adaptive {
+            let ok =
+                a.goodput_ratio >= goals::ADAPTIVE_GOODPUT && a.share_429 < goals::ADAPTIVE_429;
+            rows.push([
+                format!(
+                    "9 adaptive goodput (budget {}/s, limit {}/s)",
+                    a.budget_per_sec, a.simulator_limit_per_sec
+                ),
+                format!(
+                    "{:.3} of the limit; {:.2} % 429s",
+                    a.goodput_ratio,
+                    a.share_429 * 100.0
+                ),
+                format!(
+                    "3 processes with Redis, client-wide simulator limit; after the first {:.0} s, {:.0} s, {} requests",
+                    a.warm_up_seconds, a.seconds, a.requests
+                ),
+                format!(
+                    ">= {:.2}, < {:.0} % 429s: {}",
+                    goals::ADAPTIVE_GOODPUT,
+                    goals::ADAPTIVE_429 * 100.0,
+                    verdict(ok)
+                ),
             ]);
         }
         let headers = ["measure", "figure", "conditions", "goal"];

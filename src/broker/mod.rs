@@ -155,6 +155,20 @@ impl Publisher {
 /// Messages ready in `queue` (a passive declare). A missing queue is an error, and the broker
 /// closes the channel it was asked on: callers use a channel they can lose.
 pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, BrokerError> {
+    Ok(queue_counts(channel, queue).await?.messages)
+}
+
+/// What one passive declare of a queue tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Messages ready.
+    pub messages: u32,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+/// Messages ready in `queue` and its consumers (one passive declare; see [`queue_depth`]).
+pub async fn queue_counts(channel: &Channel, queue: &str) -> Result<QueueCounts, BrokerError> {
     let options = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
@@ -163,5 +177,8 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, BrokerEr
         .queue_declare(ShortString::from(queue), options, FieldTable::default())
         .await
         .map_err(BrokerError::amqp(format!("looking up queue {queue}")))?;
-    Ok(declared.message_count())
+    Ok(QueueCounts {
+        messages: declared.message_count(),
+        consumers: declared.consumer_count(),
+    })
 }

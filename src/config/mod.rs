@@ -154,6 +154,20 @@ pub struct RunSettings {
     pub shutdown_grace: Duration,
     /// Name of this worker instance in result events.
     pub worker_name: String,
+    /// Whether `rate_limit` is this process's or the whole fleet's.
+    pub rate_scope: RateScope,
+    /// Redis holding the fleet's shared budget (fleet scope only; it may hold a password).
+    pub redis_url: Option<Secret>,
+}
+
+/// Whose budget `DIALER_RATE_LIMIT` is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RateScope {
+    /// This process's own.
+    #[default]
+    Process,
+    /// Every replica's together: shared through Redis, or split by the consumer count.
+    Fleet,
 }
 
 /// Everything `dialer sim` needs (see [`crate::sim::SimSettings`] for what the simulator does with it).
@@ -167,8 +181,10 @@ pub struct SimConfig {
     pub client_secret: Secret,
     /// Raw agents JSON (or `None` for the demo set).
     pub agents_json: Option<String>,
-    /// API requests allowed per token.
+    /// API requests allowed per token (or per client).
     pub rate_limit: Rate,
+    /// Whose allowance `rate_limit` is.
+    pub rate_scope: crate::sim::RateScope,
     /// `expires_in` of issued tokens.
     pub token_ttl: Duration,
 }
@@ -410,6 +426,41 @@ pub fn run_settings(args: &RunArgs) -> Result<RunSettings> {
         "rate-burst",
         "a whole number of at least 1",
     )?;
+    let rate_scope = match args.rate_scope.trim().to_ascii_lowercase().as_str() {
+        "process" => RateScope::Process,
+        "fleet" => RateScope::Fleet,
+        other => {
+            return Err(ConfigError::new(
+                "DIALER_RATE_SCOPE",
+                "rate-scope",
+                format!("{other:?} is not a rate scope; expected process or fleet"),
+            ));
+        }
+    };
+    let redis_url = match args.redis_url.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(raw) => {
+            let parsed = Url::parse(raw).map_err(|e| {
+                ConfigError::new(
+                    "DIALER_REDIS_URL",
+                    "redis-url",
+                    format!("not a URL ({e}); expected redis://[:password@]host:port[/db]"),
+                )
+            })?;
+            if parsed.scheme() != "redis" {
+                return Err(ConfigError::new(
+                    "DIALER_REDIS_URL",
+                    "redis-url",
+                    format!(
+                        "{} uses scheme {:?}; expected redis:// (TLS is not built in)",
+                        redact_url(raw),
+                        parsed.scheme()
+                    ),
+                ));
+            }
+            Some(Secret::new(raw))
+        }
+    };
     let max_attempts: NonZeroU32 = number(
         &args.max_attempts,
         "DIALER_MAX_ATTEMPTS",
@@ -462,6 +513,8 @@ pub fn run_settings(args: &RunArgs) -> Result<RunSettings> {
         state_dir: args.state_dir.clone(),
         shutdown_grace,
         worker_name,
+        rate_scope,
+        redis_url,
     })
 }
 
@@ -484,6 +537,8 @@ pub fn sim_config(args: &SimArgs) -> Result<SimConfig> {
     let addr = socket_addr(&args.addr, "DIALER_SIM_ADDR", "addr")?;
     let rate_limit = parse_rate(&args.rate_limit)
         .map_err(|problem| ConfigError::new("DIALER_SIM_RATE_LIMIT", "rate-limit", problem))?;
+    let rate_scope = crate::sim::RateScope::parse(&args.rate_scope)
+        .map_err(|problem| ConfigError::new("DIALER_SIM_RATE_SCOPE", "rate-scope", problem))?;
     let token_ttl = duration(&args.token_ttl, "DIALER_SIM_TOKEN_TTL", "token-ttl")?;
     if token_ttl < Duration::from_secs(1) {
         return Err(ConfigError::new(
@@ -517,6 +572,7 @@ pub fn sim_config(args: &SimArgs) -> Result<SimConfig> {
         client_secret: Secret::new(args.client_secret.trim()),
         agents_json,
         rate_limit,
+        rate_scope,
         token_ttl,
     })
 }
@@ -575,6 +631,46 @@ mod tests {
         assert_eq!(s.broker.queue_type, QueueType::Quorum);
         assert_eq!(s.decisions, DecisionStoreKind::File);
         assert!(!s.retry_ambiguous);
+        assert_eq!(s.rate_scope, RateScope::Process);
+        assert!(s.redis_url.is_none());
+    }
+
+    #[test]
+    fn fleet_scope_and_redis_url_are_parsed_and_checked() {
+        let s = run_args(&[
+            "--rate-scope",
+            "Fleet",
+            "--redis-url",
+            "redis://:pw@127.0.0.1:6379/0",
+        ])
+        .expect("valid");
+        assert_eq!(s.rate_scope, RateScope::Fleet);
+        assert_eq!(
+            s.redis_url.as_ref().map(Secret::expose),
+            Some("redis://:pw@127.0.0.1:6379/0")
+        );
+        for (extra, variable, hint) in [
+            (
+                ["--rate-scope", "org"],
+                "DIALER_RATE_SCOPE",
+                "process or fleet",
+            ),
+            (
+                ["--redis-url", "127.0.0.1:6379"],
+                "DIALER_REDIS_URL",
+                "redis://",
+            ),
+            (
+                ["--redis-url", "rediss://:secretpw@h:1"],
+                "DIALER_REDIS_URL",
+                "redis://",
+            ),
+        ] {
+            let error = run_args(&extra).expect_err("refused").to_string();
+            assert!(error.contains(variable), "{error}");
+            assert!(error.contains(hint), "{error}");
+            assert!(!error.contains("secretpw"), "{error}");
+        }
     }
 
     #[test]

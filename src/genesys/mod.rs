@@ -294,9 +294,10 @@ impl GenesysClient {
                         _ => None,
                     };
                     // Genesys always sends Retry-After on 429; one second if a proxy dropped it.
-                    // Already capped at RETRY_AFTER_CAP when parsed.
+                    // Already capped at RETRY_AFTER_CAP when parsed. The gate pauses (the fleet,
+                    // in fleet scope) and lowers its rate.
                     let pause = retry_after.unwrap_or(Duration::from_secs(1));
-                    self.gate.pause_for(pause);
+                    self.gate.rate_limited(pause).await;
                     if pause > LONG_RATE_LIMIT_PAUSE {
                         self.circuit.record_long_pause(pause);
                     }
@@ -384,7 +385,7 @@ impl GenesysClient {
             Err(GenesysError::Timeout) => "timeout",
             Err(_) => "transport",
         };
-        let result = self.read_answer(operation, outcome);
+        let result = self.read_answer(operation, outcome).await;
         match &result {
             Err(error) if error.looks_like_outage() => {
                 self.circuit.record_failure(&error.to_string())
@@ -399,7 +400,7 @@ impl GenesysClient {
     }
 
     /// Turns an exchange into the operation's answer or its classified error.
-    fn read_answer<T: DeserializeOwned>(
+    async fn read_answer<T: DeserializeOwned>(
         &self,
         operation: Operation,
         outcome: Result<Exchange, GenesysError>,
@@ -411,8 +412,8 @@ impl GenesysClient {
             complete,
         } = outcome?;
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        // Informational only (gauges); `inin-ratelimit-reset` is not read at all. `inf` and
-        // `NaN` parse as f64, so only finite, non-negative values are kept.
+        // Gauges, and the gate's early warning of a 429. `inf` and `NaN` parse as f64, so only
+        // finite, non-negative values are kept.
         let number = |name: &str| {
             header(name)
                 .and_then(|v| v.parse::<f64>().ok())
@@ -424,6 +425,10 @@ impl GenesysClient {
         ) {
             metrics::gauge!(m::GENESYS_RATELIMIT_USED).set(count);
             metrics::gauge!(m::GENESYS_RATELIMIT_ALLOWED).set(allowed);
+            // With the seconds to the reset the gate can slow down before a 429 comes.
+            if let Some(reset) = number("inin-ratelimit-reset") {
+                self.gate.observe_allowance(count, allowed, reset).await;
+            }
         }
         if (200..300).contains(&status) {
             if !complete {

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use agents::{AgentState, SimAgent, parse_agents};
 pub use faults::Faults;
 pub use records::{CallAttempt, PlacedCall, RequestRecord, SimStats};
+pub use server::RateScope;
 
 use agents::Directory;
 use server::{Shared, SharedConfig};
@@ -47,10 +48,12 @@ pub struct SimSettings {
     pub client_secret: String,
     /// The users the API knows; [`SimAgent::demo_set`] when the user gave none.
     pub agents: Vec<SimAgent>,
-    /// API requests allowed per token in each window.
+    /// API requests allowed per token (or per client, see `rate_scope`) in each window.
     pub rate_limit: u32,
     /// Length of the fixed rate-limit windows.
     pub rate_window: Duration,
+    /// Whether each token has its own allowance or all of the client's tokens share one.
+    pub rate_scope: RateScope,
     /// `expires_in` of issued tokens.
     pub token_ttl: Duration,
     /// Faults active from the start.
@@ -68,6 +71,7 @@ impl Default for SimSettings {
             agents: SimAgent::demo_set(),
             rate_limit: 300,
             rate_window: Duration::from_secs(60),
+            rate_scope: RateScope::Token,
             token_ttl: Duration::from_secs(86_400),
             faults: Faults::default(),
         }
@@ -84,6 +88,7 @@ impl fmt::Debug for SimSettings {
             .field("agents", &self.agents)
             .field("rate_limit", &self.rate_limit)
             .field("rate_window", &self.rate_window)
+            .field("rate_scope", &self.rate_scope)
             .field("token_ttl", &self.token_ttl)
             .field("faults", &self.faults)
             .finish()
@@ -208,6 +213,7 @@ pub async fn start(settings: SimSettings) -> anyhow::Result<SimHandle> {
         client_secret: settings.client_secret,
         rate_limit: settings.rate_limit,
         rate_window: settings.rate_window,
+        rate_scope: settings.rate_scope,
         token_ttl: settings.token_ttl,
         faults: settings.faults,
         shutdown: shutdown.clone(),
@@ -269,9 +275,13 @@ fn banner(settings: &SimSettings, base_url: &str) -> Vec<String> {
         format!("  GENESYS_LOGIN_BASE_URL={base_url} GENESYS_API_BASE_URL={base_url}"),
         format!("  accepted client id: {} (secret not shown)", settings.client_id),
         format!(
-            "  rate limit: {} requests per {} s per token; tokens live {} s",
+            "  rate limit: {} requests per {} s per {}; tokens live {} s",
             settings.rate_limit,
             settings.rate_window.as_secs_f64(),
+            match settings.rate_scope {
+                RateScope::Token => "token",
+                RateScope::Client => "client (all tokens together)",
+            },
             settings.token_ttl.as_secs()
         ),
         format!("  agents ({}):", settings.agents.len()),

@@ -28,20 +28,58 @@ const RATELIMIT_COUNT: HeaderName = HeaderName::from_static("inin-ratelimit-coun
 const RATELIMIT_ALLOWED: HeaderName = HeaderName::from_static("inin-ratelimit-allowed");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("inin-ratelimit-reset");
 
-/// A token the simulator issued, with its rate-limit window.
+/// A token the simulator issued, with its rate-limit window (used in the token scope).
 #[derive(Debug)]
 struct TokenState {
     expires_at: Duration,
-    window_start: Duration,
+    window: Window,
+}
+
+/// One fixed rate-limit window: when it opened and how many requests it has let through.
+#[derive(Debug, Default)]
+struct Window {
+    start: Duration,
     count: u32,
+}
+
+/// Whose allowance an API request counts against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RateScope {
+    /// Each token has its own allowance (Genesys's per-token limit).
+    #[default]
+    Token,
+    /// All tokens of the client share one allowance, as org-wide limits (calls per second,
+    /// per-org API limits) do: what a fleet of replicas, each with its own token, runs into.
+    Client,
+}
+
+impl RateScope {
+    /// Parses `token` or `client`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "token" => Ok(Self::Token),
+            "client" => Ok(Self::Client),
+            other => Err(format!(
+                "{other:?} is not a rate scope; expected token or client"
+            )),
+        }
+    }
+
+    /// The name `parse` accepts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::Client => "client",
+        }
+    }
 }
 
 /// State shared by every request and the [`super::SimHandle`].
 ///
 /// The mutable parts sit behind std `Mutex`es rather than tokio ones: every critical section is
 /// a few map or vector operations and none is held across an `.await`, so a std mutex is cheaper
-/// under load and lets the handle's accessors stay synchronous. No code path holds two of these
-/// locks at once, so they cannot deadlock.
+/// under load and lets the handle's accessors stay synchronous. Only `admit` holds two of these
+/// locks at once (`tokens`, then `client_window`), always in that order, so they cannot deadlock.
 #[derive(Debug)]
 pub(super) struct Shared {
     pub(super) clock: Clock,
@@ -50,8 +88,12 @@ pub(super) struct Shared {
     client_secret: String,
     rate_limit: u32,
     rate_window: Duration,
+    rate_scope: RateScope,
     token_ttl: Duration,
     faults: Mutex<Faults>,
+    // In the client scope the one window every token counts against; locked while `tokens` is
+    // held (always in that order), so the two cannot deadlock.
+    client_window: Mutex<Window>,
     tokens: Mutex<HashMap<String, TokenState>>,
     journal: Mutex<Journal>,
     /// Cancelled on shutdown; hung requests wait for it so that a graceful stop can finish.
@@ -72,6 +114,7 @@ pub(super) struct SharedConfig {
     pub(super) client_secret: String,
     pub(super) rate_limit: u32,
     pub(super) rate_window: Duration,
+    pub(super) rate_scope: RateScope,
     pub(super) token_ttl: Duration,
     pub(super) faults: Faults,
     pub(super) shutdown: CancellationToken,
@@ -87,8 +130,10 @@ impl Shared {
             client_secret: config.client_secret,
             rate_limit: config.rate_limit,
             rate_window: config.rate_window,
+            rate_scope: config.rate_scope,
             token_ttl: config.token_ttl,
             faults: Mutex::new(config.faults),
+            client_window: Mutex::new(Window::default()),
             tokens: Mutex::new(HashMap::new()),
             journal: Mutex::new(Journal::default()),
             shutdown: config.shutdown,
@@ -143,7 +188,8 @@ impl Shared {
         }
     }
 
-    /// Checks the bearer token and counts the request in its rate window.
+    /// Checks the bearer token and counts the request in its rate window (the token's, or the
+    /// client's in the client scope).
     fn admit(
         &self,
         headers: &HeaderMap,
@@ -159,21 +205,29 @@ impl Shared {
         if now >= state.expires_at {
             return Err(Denied::Expired);
         }
-        // Fixed windows: a window opens with the token and then with the first request after
-        // the previous one ended, and lasts `rate_window`.
-        if now >= state.window_start + self.rate_window {
-            state.window_start = now;
-            state.count = 0;
+        match self.rate_scope {
+            RateScope::Token => self.count_in(&mut state.window, now),
+            RateScope::Client => self.count_in(&mut lock(&self.client_window), now),
         }
-        let reset_secs = ceil_secs(state.window_start + self.rate_window - now).max(1);
-        if state.count >= self.rate_limit {
+    }
+
+    /// Counts one request in `window`, or refuses it when the window's allowance is used up.
+    fn count_in(&self, window: &mut Window, now: Duration) -> Result<Admitted, Denied> {
+        // Fixed windows: a window opens with the first request after the previous one ended
+        // (for a token: with the token) and lasts `rate_window`.
+        if now >= window.start + self.rate_window {
+            window.start = now;
+            window.count = 0;
+        }
+        let reset_secs = ceil_secs(window.start + self.rate_window - now).max(1);
+        if window.count >= self.rate_limit {
             return Err(Denied::RateLimited {
                 retry_after: reset_secs,
             });
         }
-        state.count += 1;
+        window.count += 1;
         Ok(Admitted {
-            count: state.count,
+            count: window.count,
             allowed: self.rate_limit,
             reset_secs,
         })
@@ -186,8 +240,10 @@ impl Shared {
         let state = TokenState {
             // Saturating: a test may ask for an `expires_in` of u64::MAX seconds.
             expires_at: now.saturating_add(ttl),
-            window_start: now,
-            count: 0,
+            window: Window {
+                start: now,
+                count: 0,
+            },
         };
         lock(&self.tokens).insert(token.clone(), state);
         token

@@ -32,6 +32,7 @@ pub fn sim_settings() -> SimSettings {
         agents: SimAgent::demo_set(),
         rate_limit: 100_000,
         rate_window: Duration::from_secs(60),
+        rate_scope: sim::RateScope::Token,
         token_ttl: Duration::from_secs(86_400),
         faults: Faults::default(),
     }
@@ -170,6 +171,8 @@ pub async fn run_settings(sim: &SimHandle) -> RunSettings {
             .join(format!("dialer-test-{}", uuid::Uuid::new_v4().simple())),
         shutdown_grace: Duration::from_secs(5),
         worker_name: "test-worker".into(),
+        rate_scope: dialer::config::RateScope::Process,
+        redis_url: None,
     }
 }
 

@@ -7,6 +7,7 @@ mod dlq_cli;
 mod edges_api;
 mod enqueue_cli;
 mod events_cli;
+mod fleet_rate;
 mod fuzz_inputs;
 mod genesys_client;
 mod helpers;
