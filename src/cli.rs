@@ -38,6 +38,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure throughput, rate precision, overhead and memory against a broker.
     Bench(BenchArgs),
+    /// Show a job's recorded decision; list `unknown` jobs for reconciliation.
+    Decisions(DecisionsArgs),
 }
 
 /// Where the broker is and what the topology is called. Global, so `dialer dlq count --prefix p`
@@ -122,18 +124,66 @@ pub struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "DIALER_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: String,
-    /// Decision store: file or memory (tests only).
-    #[arg(long, env = "DIALER_DECISIONS", default_value = "file")]
-    pub decisions: String,
-    /// Directory of the embedded decision store.
-    #[arg(long, env = "DIALER_STATE_DIR", default_value = "./dialer-state")]
-    pub state_dir: PathBuf,
+    /// The decision store.
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// How long SIGTERM waits for jobs in flight before requeueing them.
     #[arg(long, env = "DIALER_SHUTDOWN_GRACE", default_value = "20s")]
     pub shutdown_grace: String,
     /// Name of this worker in result events (default: host name and process id).
     #[arg(long, env = "DIALER_WORKER_NAME")]
     pub worker_name: Option<String>,
+}
+
+/// Where claims and decisions are kept: shared by `dialer run` and `dialer decisions`.
+#[derive(Debug, Args, Clone)]
+pub struct StoreArgs {
+    /// Decision store: file (embedded), postgres (shared by a fleet) or memory (tests only).
+    #[arg(long, env = "DIALER_DECISIONS", default_value = "file")]
+    pub decisions: String,
+    /// Directory of the embedded decision store.
+    #[arg(long, env = "DIALER_STATE_DIR", default_value = "./dialer-state")]
+    pub state_dir: PathBuf,
+    /// PostgreSQL URL of the shared decision store (postgres://…; sslmode=require or
+    /// verify-full for TLS).
+    #[arg(long, env = "DIALER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// File holding DIALER_DATABASE_URL (a mounted secret).
+    #[arg(long, env = "DIALER_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+}
+
+/// Flags of `dialer decisions`.
+#[derive(Debug, Args, Clone)]
+pub struct DecisionsArgs {
+    /// The decision store (the same settings as `dialer run`).
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Print phone numbers in full (masked by default, as in logs).
+    #[arg(long, global = true)]
+    pub show_phone_numbers: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: DecisionsAction,
+}
+
+/// `dialer decisions` actions.
+#[derive(Debug, Subcommand, Clone)]
+pub enum DecisionsAction {
+    /// Print one job's record (state, owner, time, recorded event) as JSON.
+    Show {
+        /// The job id.
+        job_id: String,
+    },
+    /// List jobs decided `unknown`, oldest first, one JSON object per line, for reconciliation.
+    Unknown {
+        /// Only those decided at or after this time (RFC 3339); default: the last 7 days.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
 }
 
 /// Flags of `dialer enqueue`.

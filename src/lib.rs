@@ -25,6 +25,7 @@ pub mod job;
 pub mod metrics;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod reconcile;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;

@@ -73,6 +73,18 @@ pub struct SystemicFailure {
     pub message: String,
     /// When, so failures of jobs that started before a pause ended can be told apart.
     pub at: tokio::time::Instant,
+    /// Which part failed: what the paused worker probes before it resumes.
+    pub cause: FailureCause,
+}
+
+/// The part whose failure paused the worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureCause {
+    /// Genesys refused the credentials or a permission: probed by asking for a token.
+    Credentials,
+    /// The decision store failed: probed with its heartbeat (and by writing the decisions it
+    /// could not record).
+    Store,
 }
 
 impl SystemicFailure {
@@ -80,9 +92,25 @@ impl SystemicFailure {
         Self {
             message,
             at: tokio::time::Instant::now(),
+            cause: FailureCause::Credentials,
+        }
+    }
+
+    /// A failure of the decision store.
+    pub fn store(message: String) -> Self {
+        Self {
+            message,
+            at: tokio::time::Instant::now(),
+            cause: FailureCause::Store,
         }
     }
 }
+
+/// How long a redelivered job waits for another live replica's decision, beyond the Genesys
+/// request timeout: room for that replica's rate-gate wait and its write to the store.
+pub const CLAIM_WAIT_MARGIN: Duration = Duration::from_secs(5);
+/// How often a waiting job looks at the store for the decision.
+const CLAIM_POLL: Duration = Duration::from_millis(250);
 
 /// Everything the per-job step needs, shared by all jobs of the process.
 pub struct Pipeline {
@@ -104,9 +132,15 @@ pub struct Pipeline {
     pub shutdown: CancellationToken,
     /// Tells the consume loop to pause on a systemic failure.
     pub systemic: tokio::sync::mpsc::UnboundedSender<SystemicFailure>,
+    /// How long a redelivered job claimed by another live replica waits for its decision:
+    /// the Genesys request timeout plus [`CLAIM_WAIT_MARGIN`].
+    pub claim_wait: Duration,
     // Jobs being decided by this process, so a redelivered copy (after a lost connection)
     // waits for the decision instead of calling it `unknown`. std Mutex: no await inside.
     in_flight: Mutex<HashMap<String, watch::Receiver<Option<Vec<u8>>>>>,
+    // Decisions made (the call may have been placed) that the store refused to record: kept
+    // until it takes them, so the event still carries the real outcome. std Mutex as above.
+    unwritten: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 /// Deregisters an in-flight job when its step ends, whichever way.
@@ -161,7 +195,9 @@ impl Pipeline {
             owner,
             shutdown,
             systemic,
+            claim_wait: Duration::from_secs(10) + CLAIM_WAIT_MARGIN,
             in_flight: Mutex::new(HashMap::new()),
+            unwritten: Mutex::new(HashMap::new()),
         }
     }
 
@@ -220,39 +256,65 @@ impl Pipeline {
         progress: &mut Progress,
     ) -> Result<Verdict, SystemicFailure> {
         let id = job.job_id.as_str().to_owned();
-        let existing = self.store.get(&id).await.map_err(store_failure)?;
-        match (existing, arrival) {
-            (None, _) | (Some(JobState::Waiting), Arrival::Retry | Arrival::Replay) => {}
-            (Some(JobState::Decided { event }), Arrival::Replay) if reopenable(&event) => {
-                tracing::info!(
-                    "replayed from the dead-letter queue: its earlier decision is set aside"
-                );
-                self.store
-                    .forget_decision(&id)
-                    .await
-                    .map_err(store_failure)?;
-            }
-            (Some(JobState::Decided { event }), Arrival::Retry | Arrival::Replay) => {
-                return Ok(republish(event));
-            }
-            (Some(JobState::Claimed { owner }), Arrival::Retry | Arrival::Replay) => {
-                return self.claimed_elsewhere(&job, &owner, progress).await;
-            }
-            (Some(_), Arrival::New) => return Ok(self.duplicate(&job, progress)),
+        // A decision this process made but could not record: record it now and publish it.
+        if let Some(verdict) = self.write_unwritten_one(&id).await? {
+            return Ok(verdict);
         }
-        match self
-            .store
-            .try_claim(&id, &self.owner)
-            .await
-            .map_err(store_failure)?
-        {
-            ClaimResult::Claimed => {}
-            // Another copy of the job got there first (a redelivery racing its delayed copy).
-            ClaimResult::Existing(JobState::Decided { event }) => return Ok(republish(event)),
-            ClaimResult::Existing(JobState::Claimed { owner }) => {
-                return self.claimed_elsewhere(&job, &owner, progress).await;
+        // A claim can change hands while this copy waits for it (its owner gave the job back):
+        // then this copy claims again, a bounded number of times.
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let existing = self.store.get(&id).await.map_err(store_failure)?;
+            let holder = match (existing, arrival) {
+                (None, _) | (Some(JobState::Waiting), Arrival::Retry | Arrival::Replay) => None,
+                (Some(JobState::Decided { event }), Arrival::Replay) if reopenable(&event) => {
+                    tracing::info!(
+                        "replayed from the dead-letter queue: its earlier decision is set aside"
+                    );
+                    self.store
+                        .forget_decision(&id)
+                        .await
+                        .map_err(store_failure)?;
+                    None
+                }
+                (Some(JobState::Decided { event }), Arrival::Retry | Arrival::Replay) => {
+                    return Ok(republish(event));
+                }
+                (Some(JobState::Claimed { owner }), Arrival::Retry | Arrival::Replay) => {
+                    Some(owner)
+                }
+                (Some(_), Arrival::New) => return Ok(self.duplicate(&job, progress)),
+            };
+            let holder = match holder {
+                Some(owner) => owner,
+                None => match self
+                    .store
+                    .try_claim(&id, &self.owner)
+                    .await
+                    .map_err(store_failure)?
+                {
+                    ClaimResult::Claimed => break,
+                    // Another copy of the job got there first (a redelivery racing its delayed copy).
+                    ClaimResult::Existing(JobState::Decided { event }) => {
+                        return Ok(republish(event));
+                    }
+                    ClaimResult::Existing(JobState::Claimed { owner }) => owner,
+                    ClaimResult::Existing(JobState::Waiting) => {
+                        return Ok(self.duplicate(&job, progress));
+                    }
+                },
+            };
+            match self.claimed_elsewhere(&job, &holder, progress).await? {
+                Held::Done(verdict) => return Ok(verdict),
+                Held::Ours => break,
+                Held::Released if rounds < 3 => {}
+                Held::Released => {
+                    return Ok(Verdict::Requeue {
+                        reason: "the job's claim kept changing hands",
+                    });
+                }
             }
-            ClaimResult::Existing(JobState::Waiting) => return Ok(self.duplicate(&job, progress)),
         }
         let (decided, receiver) = watch::channel(None);
         self.in_flight
@@ -268,11 +330,20 @@ impl Pipeline {
         match verdict {
             Step::Decided(event) => {
                 let bytes = event.to_json();
-                let in_force = self
-                    .store
-                    .decide(&guard.job_id, &bytes)
-                    .await
-                    .map_err(store_failure)?;
+                let in_force = match self.store.decide(&guard.job_id, &bytes).await {
+                    Ok(in_force) => in_force,
+                    Err(error) => {
+                        // The call may have been placed: the answer must not be lost. Kept
+                        // until the store takes it; the job goes back to the queue, and its
+                        // next delivery (here, or a replica waiting on this claim) publishes it.
+                        tracing::error!(%error, outcome = event.outcome.as_str(), "cannot record the decision; kept in memory until the decision store recovers");
+                        self.unwritten
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(guard.job_id.clone(), bytes);
+                        return Err(store_failure(error));
+                    }
+                };
                 guard.decided.send_replace(Some(in_force.clone()));
                 Ok(republish(in_force))
             }
@@ -297,25 +368,77 @@ impl Pipeline {
         }
     }
 
-    /// The job is claimed but undecided. If this process is deciding it (the connection was
-    /// lost and the broker redelivered it), wait for that decision; otherwise its worker died
-    /// mid-call and nobody knows whether the call was placed: `unknown`, never dialled again.
+    /// Records the decisions the store refused earlier; `true` when none is left. Called by
+    /// the paused worker before it resumes.
+    pub async fn write_unwritten(&self) -> Result<bool, crate::decisions::StoreError> {
+        let pending: Vec<(String, Vec<u8>)> = self
+            .unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, bytes)| (id.clone(), bytes.clone()))
+            .collect();
+        for (id, bytes) in pending {
+            self.store.decide(&id, &bytes).await?;
+            self.unwritten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            tracing::info!(job_id = %id, "decision recorded after the decision store recovered");
+        }
+        Ok(self
+            .unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty())
+    }
+
+    /// The unrecorded decision of `id`, recorded now and published; `None` when there is none.
+    async fn write_unwritten_one(&self, id: &str) -> Result<Option<Verdict>, SystemicFailure> {
+        let pending = self
+            .unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        let Some(bytes) = pending else {
+            return Ok(None);
+        };
+        let in_force = self.store.decide(id, &bytes).await.map_err(store_failure)?;
+        self.unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(Some(republish(in_force)))
+    }
+
+    /// The job is claimed by `owner` but undecided.
+    ///
+    /// - This process is deciding it (the connection was lost and the broker redelivered it
+    ///   here): wait for that decision.
+    /// - This process claimed it and its step ended without a decision (a give-back whose
+    ///   release failed): no call is pending, the claim is still ours, dial.
+    /// - Another replica that is still alive holds it (its broker connection dropped mid-call):
+    ///   wait, up to [`Pipeline::claim_wait`], for its decision and publish it.
+    /// - Its owner is gone (its lease ran out), or the wait ran out: nobody knows whether the
+    ///   call was placed: `unknown`, never dialled again.
     async fn claimed_elsewhere(
         &self,
         job: &DialJob,
         owner: &str,
         progress: &Progress,
-    ) -> Result<Verdict, SystemicFailure> {
+    ) -> Result<Held, SystemicFailure> {
         let id = job.job_id.as_str();
-        let waiting_on = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned();
-        if owner == self.owner
-            && let Some(mut decided) = waiting_on
-        {
+        if owner == self.owner {
+            let waiting_on = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned();
+            let Some(mut decided) = waiting_on else {
+                return Ok(Held::Ours);
+            };
             // Ends when the deciding step records its decision or gives up (sender dropped).
             let outcome = decided
                 .wait_for(Option::is_some)
@@ -323,20 +446,55 @@ impl Pipeline {
                 .ok()
                 .and_then(|d| d.clone());
             return match outcome {
-                Some(bytes) => Ok(republish(bytes)),
+                Some(bytes) => Ok(Held::Done(republish(bytes))),
                 None => match self.store.get(id).await.map_err(store_failure)? {
-                    Some(JobState::Decided { event }) => Ok(republish(event)),
+                    Some(JobState::Decided { event }) => Ok(Held::Done(republish(event))),
                     // Released or sent to a delay queue: this copy is redundant but its
                     // original is already acked or requeued, so this one must not be dropped.
-                    _ => Ok(Verdict::Requeue {
+                    _ => Ok(Held::Done(Verdict::Requeue {
                         reason: "another copy of this job was given back",
-                    }),
+                    })),
                 },
             };
         }
+        let deadline = tokio::time::Instant::now() + self.claim_wait;
+        let ended = loop {
+            if !self
+                .store
+                .owner_alive(owner, &self.owner)
+                .await
+                .map_err(store_failure)?
+            {
+                break "owner_gone";
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break "timed_out";
+            }
+            if !self.sleep_unless_shutdown(CLAIM_POLL).await {
+                return Ok(Held::Done(Verdict::Requeue {
+                    reason: "shutdown while waiting for another replica's decision",
+                }));
+            }
+            match self.store.get(id).await.map_err(store_failure)? {
+                Some(JobState::Decided { event }) => {
+                    metrics::counter!(m::DECISION_CLAIM_WAITS_TOTAL, "result" => "decided")
+                        .increment(1);
+                    tracing::info!(
+                        owner,
+                        "the replica holding this job's claim decided it; publishing its decision"
+                    );
+                    return Ok(Held::Done(republish(event)));
+                }
+                Some(JobState::Claimed { owner: now }) if now == owner => {}
+                // Given back or sent to a delay queue by its owner: claim it afresh.
+                _ => return Ok(Held::Released),
+            }
+        };
+        metrics::counter!(m::DECISION_CLAIM_WAITS_TOTAL, "result" => ended).increment(1);
         tracing::warn!(
             previous_owner = owner,
-            "job was claimed by a worker that stopped before deciding; not dialling again"
+            reason = ended,
+            "job was claimed by a worker that stopped (or did not decide in time) before deciding; not dialling again"
         );
         let event = self.job_event(
             job,
@@ -345,12 +503,13 @@ impl Pipeline {
             None,
             Some(EventError::new("interrupted", "a worker claimed this job and stopped before recording an answer from Genesys; the call may have been placed, so it is not dialled again")),
         );
+        // `decide` keeps a decision the owner recorded in the meantime, and returns it.
         let bytes = self
             .store
             .decide(id, &event.to_json())
             .await
             .map_err(store_failure)?;
-        Ok(republish(bytes))
+        Ok(Held::Done(republish(bytes)))
     }
 
     fn duplicate(&self, job: &DialJob, progress: &Progress) -> Verdict {
@@ -671,6 +830,16 @@ struct Progress {
     tries: u32,
 }
 
+/// What became of a claim held by someone else.
+enum Held {
+    /// Waited for or decided: this verdict.
+    Done(Verdict),
+    /// This process holds it and nothing is in flight for it: dial.
+    Ours,
+    /// Its owner gave it back meanwhile: claim again.
+    Released,
+}
+
 /// Where the claimed job's step ended.
 enum Step {
     Decided(Box<ResultEvent>),
@@ -724,7 +893,7 @@ fn republish(bytes: Vec<u8>) -> Verdict {
 }
 
 fn store_failure(error: crate::decisions::StoreError) -> SystemicFailure {
-    SystemicFailure::now(format!("decision store: {error}"))
+    SystemicFailure::store(format!("decision store: {error}"))
 }
 
 #[cfg(test)]

@@ -22,13 +22,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::{self, BrokerError, Publisher, Topology, text, with_headers};
 use crate::config::{DecisionStoreKind, RunSettings};
-use crate::decisions::DecisionStore;
+use crate::decisions::{DecisionStore, HEARTBEAT_EVERY};
 use crate::event::Outcome;
 use crate::genesys::GenesysClient;
 use crate::health::{self, Readiness};
 use crate::metrics as m;
 use crate::pipeline::{
-    ATTEMPTS_HEADER, Incoming, Pipeline, SystemicFailure, TRIES_HEADER, Verdict,
+    ATTEMPTS_HEADER, CLAIM_WAIT_MARGIN, FailureCause, Incoming, Pipeline, SystemicFailure,
+    TRIES_HEADER, Verdict,
 };
 use crate::ratelimit::RateGate;
 
@@ -79,27 +80,34 @@ pub async fn start(
             settings.metrics_addr
         )
     })?;
-    let store = match settings.decisions {
-        DecisionStoreKind::File => DecisionStore::open(&settings.state_dir).with_context(|| {
-            format!(
-                "cannot open the decision store in DIALER_STATE_DIR {}",
-                settings.state_dir.display()
-            )
-        })?,
-        DecisionStoreKind::Memory => {
-            tracing::warn!(
-                "DIALER_DECISIONS=memory: decisions are forgotten on exit; for tests and benchmarks only"
-            );
-            DecisionStore::memory()
+    if settings.decisions == DecisionStoreKind::Memory {
+        tracing::warn!(
+            "DIALER_DECISIONS=memory: decisions are forgotten on exit; for tests and benchmarks only"
+        );
+    }
+    let store = DecisionStore::open_configured(
+        settings.decisions,
+        &settings.state_dir,
+        settings.database_url.as_ref(),
+        false,
+    )
+    .await
+    .with_context(|| match settings.decisions {
+        DecisionStoreKind::File => format!(
+            "cannot open the decision store in DIALER_STATE_DIR {}",
+            settings.state_dir.display()
+        ),
+        DecisionStoreKind::Postgres => {
+            "cannot open the decision store at DIALER_DATABASE_URL".to_owned()
         }
-        DecisionStoreKind::Redis => anyhow::bail!("DIALER_DECISIONS=redis is not available yet"),
-    };
+        DecisionStoreKind::Memory => "cannot open the in-memory decision store".to_owned(),
+    })?;
     let gate = Arc::new(RateGate::new(settings.rate_limit, settings.rate_burst));
     let genesys =
         GenesysClient::new(&settings.genesys, gate).context("cannot set up the Genesys client")?;
     let topology = Topology::new(&settings.broker.prefix, settings.broker.queue_type);
     let (systemic_tx, systemic_rx) = mpsc::unbounded_channel();
-    let pipeline = Arc::new(Pipeline::new(
+    let mut pipeline = Pipeline::new(
         genesys,
         store,
         topology,
@@ -108,7 +116,16 @@ pub async fn start(
         settings.worker_name.clone(),
         shutdown.clone(),
         systemic_tx,
-    ));
+    );
+    pipeline.claim_wait = settings.genesys.timeout + CLAIM_WAIT_MARGIN;
+    let pipeline = Arc::new(pipeline);
+    // The lease exists before the first claim, so no replica ever sees a claim of ours
+    // without it.
+    pipeline
+        .store
+        .heartbeat(&pipeline.owner)
+        .await
+        .context("the decision store does not answer its first heartbeat")?;
     tracing::info!(
         broker = %crate::config::redact_url(&settings.broker.amqp_url),
         queue = %pipeline.topology.jobs_queue,
@@ -164,6 +181,10 @@ struct Supervisor {
 impl Supervisor {
     async fn run(mut self) -> anyhow::Result<()> {
         spawn_pruning(self.pipeline.clone(), self.shutdown.clone());
+        // Not the shutdown token: the lease must outlive the drain, or other replicas would
+        // take this process's jobs still finishing for jobs of a dead worker.
+        let stop_heartbeat = CancellationToken::new();
+        let heartbeat = spawn_heartbeat(self.pipeline.clone(), stop_heartbeat.clone());
         let mut backoff = Duration::from_secs(1);
         loop {
             let started = Instant::now();
@@ -197,6 +218,13 @@ impl Supervisor {
                     backoff = (backoff * 2).min(RECONNECT_CAP);
                 }
             }
+        }
+        // Drained: no claim of ours is left undecided, so the lease can go now and no
+        // replica waits out its remaining seconds.
+        stop_heartbeat.cancel();
+        let _ = heartbeat.await;
+        if let Err(error) = self.pipeline.store.end_lease(&self.pipeline.owner).await {
+            tracing::warn!(%error, "cannot give up the decision store lease; it expires by itself");
         }
         tracing::info!("dialer worker stopped");
         Ok(())
@@ -353,19 +381,21 @@ impl Supervisor {
             Duration::from_secs(1)
         };
         let mut wait = self.pause_backoff;
-        tracing::error!(error = %failure.message, "systemic failure: jobs requeued, consumption paused until Genesys accepts the credentials");
+        let what = match failure.cause {
+            FailureCause::Credentials => "Genesys accepts the credentials",
+            FailureCause::Store => "the decision store answers",
+        };
+        tracing::error!(error = %failure.message, "systemic failure: jobs requeued, consumption paused until {what}");
         let resumed = loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break false,
                 _ = tokio::time::sleep(wait) => {}
             }
-            let tokens = self.pipeline.genesys.tokens();
-            tokens.forget();
-            match tokens.token().await {
-                Ok(_) => break true,
+            match self.probe(failure.cause).await {
+                Ok(()) => break true,
                 Err(error) => {
                     wait = (wait * 2).min(PAUSE_CAP);
-                    tracing::warn!(error = %error, retry_in_s = wait.as_secs(), "credentials still refused");
+                    tracing::warn!(error = %error, retry_in_s = wait.as_secs(), "still failing: {}", failure.message);
                 }
             }
         };
@@ -373,9 +403,28 @@ impl Supervisor {
         self.readiness.paused.store(false, Ordering::Relaxed);
         metrics::gauge!(m::SYSTEMIC_PAUSE).set(0.0);
         if resumed {
-            tracing::info!("Genesys accepts the credentials again; resuming");
+            tracing::info!("{what} again; resuming");
         }
         resumed
+    }
+
+    /// Whether what failed works again: a token for credentials; for the store, a heartbeat
+    /// and then every decision it refused earlier written.
+    async fn probe(&self, cause: FailureCause) -> anyhow::Result<()> {
+        match cause {
+            FailureCause::Credentials => {
+                let tokens = self.pipeline.genesys.tokens();
+                tokens.forget();
+                tokens.token().await?;
+            }
+            FailureCause::Store => {
+                self.pipeline.store.heartbeat(&self.pipeline.owner).await?;
+                if !self.pipeline.write_unwritten().await? {
+                    anyhow::bail!("decisions are still waiting to be recorded");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn spawn_job(&self, publisher: Publisher, delivery: Delivery, broken: CancellationToken) {
@@ -562,6 +611,30 @@ fn event_properties(delivery: &Delivery, job_id: Option<&str>) -> BasicPropertie
         properties = properties.with_correlation_id(ShortString::from(correlation));
     }
     properties
+}
+
+/// Renews this process's lease (PostgreSQL) or checks its store file (file) every
+/// [`HEARTBEAT_EVERY`]; a failure pauses consumption like any store failure.
+fn spawn_heartbeat(
+    pipeline: Arc<Pipeline>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            if let Err(error) = pipeline.store.heartbeat(&pipeline.owner).await {
+                tracing::warn!(%error, "decision store heartbeat failed");
+                let _ = pipeline
+                    .systemic
+                    .send(SystemicFailure::store(format!("decision store: {error}")));
+            }
+        }
+    })
 }
 
 fn spawn_pruning(pipeline: Arc<Pipeline>, shutdown: CancellationToken) {

@@ -100,6 +100,7 @@ impl InProcess {
                 DecisionStoreKind::Memory
             },
             state_dir: file_store.map_or_else(std::env::temp_dir, Path::to_path_buf),
+            database_url: None,
             shutdown_grace: Duration::from_secs(10),
             worker_name: super::WORKER_NAME.to_owned(),
         };
