@@ -893,7 +893,8 @@ fn republish(bytes: Vec<u8>) -> Verdict {
 }
 
 fn store_failure(error: crate::decisions::StoreError) -> SystemicFailure {
-    SystemicFailure::store(format!("decision store: {error}"))
+    // The error names the store already.
+    SystemicFailure::store(error.to_string())
 }
 
 #[cfg(test)]

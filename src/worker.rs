@@ -631,7 +631,7 @@ fn spawn_heartbeat(
                 tracing::warn!(%error, "decision store heartbeat failed");
                 let _ = pipeline
                     .systemic
-                    .send(SystemicFailure::store(format!("decision store: {error}")));
+                    .send(SystemicFailure::store(error.to_string()));
             }
         }
     })

@@ -3,6 +3,7 @@
 
 mod children;
 mod cli;
+mod fleet_store;
 mod genesys_client;
 mod helpers;
 mod proxy;
