@@ -274,10 +274,19 @@ pub struct BenchArgs {
     /// How long the precision run (3) keeps a backlog; default 30s, 3s with --quick.
     #[arg(long, env = "DIALER_BENCH_RATE_DURATION")]
     pub rate_duration: Option<String>,
-    /// Run only these measurements (comma-separated numbers 1-7 or names: ceiling, throughput,
-    /// rate, overhead, slow, memory, simulator); default all.
+    /// Run only these measurements (comma-separated numbers or names: 1 ceiling, 2 throughput,
+    /// 3 rate, 4 overhead, 5 slow, 6 memory, 7 simulator, 10 stores); default all.
     #[arg(long, env = "DIALER_BENCH_ONLY")]
     pub only: Option<String>,
+    /// PostgreSQL server of (10), as an administrator URL: the run creates a database of its
+    /// own there and drops it afterwards.
+    #[arg(
+        long,
+        env = "DIALER_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    pub database_url: String,
     /// Where the in-process worker's logs go (RUST_LOG filters them, default info); default
     /// nowhere, so the table stays readable while the worker still pays for its logging.
     #[arg(long, env = "DIALER_BENCH_WORKER_LOG")]

@@ -26,7 +26,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::cli::BenchArgs;
-use crate::config::{self, BrokerSettings, ConfigError, QueueType};
+use crate::config::{self, BrokerSettings, ConfigError, QueueType, Secret};
 use report::Report;
 
 /// The seven measurements, in the order they run and print.
@@ -46,10 +46,13 @@ pub enum Measure {
     Memory,
     /// (7) The simulator's capacity.
     Simulator,
+    /// (10) Throughput with each decision store: memory, file, PostgreSQL. Numbered 10 whatever
+    /// comes between.
+    Stores = 9,
 }
 
 impl Measure {
-    const ALL: [Measure; 7] = [
+    const ALL: [Measure; 8] = [
         Self::Ceiling,
         Self::Throughput,
         Self::Rate,
@@ -57,6 +60,7 @@ impl Measure {
         Self::Slow,
         Self::Memory,
         Self::Simulator,
+        Self::Stores,
     ];
 
     fn name(self) -> &'static str {
@@ -68,6 +72,7 @@ impl Measure {
             Self::Slow => "slow",
             Self::Memory => "memory",
             Self::Simulator => "simulator",
+            Self::Stores => "stores",
         }
     }
 
@@ -75,9 +80,8 @@ impl Measure {
         let raw = raw.trim().to_ascii_lowercase();
         Self::ALL
             .iter()
-            .enumerate()
-            .find(|(i, m)| raw == m.name() || raw == (i + 1).to_string())
-            .map(|(_, m)| *m)
+            .find(|m| raw == m.name() || raw == (**m as u8 + 1).to_string())
+            .copied()
     }
 }
 
@@ -108,6 +112,9 @@ pub struct BenchSettings {
     pub only: BTreeSet<Measure>,
     /// Where the in-process worker's logs go (none: discarded).
     pub worker_log: Option<PathBuf>,
+    /// The PostgreSQL server of (10), as an administrator URL: the run creates its own
+    /// database there and drops it.
+    pub database_url: Secret,
 }
 
 fn bad(variable: &'static str, flag: &'static str, problem: String) -> ConfigError {
@@ -204,6 +211,7 @@ pub fn settings(args: &BenchArgs) -> Result<BenchSettings, ConfigError> {
         rounds,
         only,
         worker_log: args.worker_log.clone(),
+        database_url: Secret::new(args.database_url.trim()),
     })
 }
 
@@ -421,13 +429,26 @@ async fn bench(settings: BenchSettings) -> anyhow::Result<()> {
                 }
                 Measure::Throughput if round == FILE_STORE_ROUND => {
                     report.throughput_file_store = Some(
-                        dialer::throughput(broker, &plan, &run_id, plan.file_store_jobs, true)
-                            .await?,
+                        dialer::throughput(
+                            broker,
+                            &plan,
+                            &run_id,
+                            plan.file_store_jobs,
+                            &dialer::StoreUnderTest::File,
+                        )
+                        .await?,
                     );
                 }
                 Measure::Throughput => throughputs.push((
                     round,
-                    dialer::throughput(broker, &plan, &run_id, plan.jobs, false).await?,
+                    dialer::throughput(
+                        broker,
+                        &plan,
+                        &run_id,
+                        plan.jobs,
+                        &dialer::StoreUnderTest::Memory,
+                    )
+                    .await?,
                 )),
                 Measure::Rate => {
                     report.rate = Some(dialer::rate_precision(broker, &plan, &run_id).await?)
@@ -440,6 +461,12 @@ async fn bench(settings: BenchSettings) -> anyhow::Result<()> {
                 }
                 Measure::Memory => report.memory = Some(memory::run(broker, &plan, &run_id).await?),
                 Measure::Simulator => report.simulator = Some(simcap::run(&plan).await?),
+                Measure::Stores => {
+                    report.stores = Some(
+                        dialer::store_throughputs(broker, &plan, &run_id, &settings.database_url)
+                            .await?,
+                    )
+                }
             }
             Ok(())
         };
@@ -510,10 +537,11 @@ async fn bench(settings: BenchSettings) -> anyhow::Result<()> {
 }
 
 /// The names of every measurement's queues (`<prefix>.bench-<run id>-<name>.*`).
-const LAB_NAMES: [&str; 7] = [
+const LAB_NAMES: [&str; 8] = [
     "ceiling",
     "throughput",
     "throughput-file",
+    "throughput-postgres",
     "rate",
     "overhead",
     "slow",
