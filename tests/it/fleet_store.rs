@@ -580,3 +580,49 @@ async fn dialer_decisions_reads_the_postgres_store() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("DIALER_DATABASE_URL"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. The file store's database deleted under a running worker.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_file_deleted_under_the_worker_is_detected_and_it_stops_being_ready() {
+    let mut app = crate::helpers::spawn_app(
+        |_| {},
+        |w| w.decisions = dialer::config::DecisionStoreKind::File,
+    )
+    .await;
+    app.publish_job(&job("vanish-1")).await;
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Placed);
+    let readiness = app.worker.as_ref().expect("worker").readiness.clone();
+    assert!(readiness.is_ready());
+    std::fs::remove_file(app.settings.state_dir.join("decisions.sqlite3"))
+        .expect("the store's file exists");
+    // The heartbeat (every 5 s) notices; the worker pauses rather than decide into a file
+    // that is gone.
+    wait_until(
+        Duration::from_secs(15),
+        "the worker reports not ready",
+        || {
+            let ready = readiness.is_ready();
+            async move { !ready }
+        },
+    )
+    .await;
+    app.publish_job(&job("vanish-2")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        app.sim.attempts().len(),
+        1,
+        "nothing is dialled while the store is gone"
+    );
+    assert_eq!(
+        app.depth(&app.topology.jobs_queue).await,
+        1,
+        "the job waits in the queue"
+    );
+    let state_dir = app.settings.state_dir.clone();
+    app.stop_worker().await;
+    app.cleanup().await;
+    let _ = std::fs::remove_dir_all(state_dir);
+}
