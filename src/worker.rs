@@ -85,23 +85,19 @@ pub async fn start(
             "DIALER_DECISIONS=memory: decisions are forgotten on exit; for tests and benchmarks only"
         );
     }
-    let store = DecisionStore::open_configured(
-        settings.decisions,
-        &settings.state_dir,
-        settings.database_url.as_ref(),
-        false,
-    )
-    .await
-    .with_context(|| match settings.decisions {
-        DecisionStoreKind::File => format!(
-            "cannot open the decision store in DIALER_STATE_DIR {}",
-            settings.state_dir.display()
-        ),
-        DecisionStoreKind::Postgres => {
-            "cannot open the decision store at DIALER_DATABASE_URL".to_owned()
-        }
-        DecisionStoreKind::Memory => "cannot open the in-memory decision store".to_owned(),
-    })?;
+    let store =
+        open_store(&settings, &shutdown)
+            .await
+            .with_context(|| match settings.decisions {
+                DecisionStoreKind::File => format!(
+                    "cannot open the decision store in DIALER_STATE_DIR {}",
+                    settings.state_dir.display()
+                ),
+                DecisionStoreKind::Postgres => {
+                    "cannot open the decision store at DIALER_DATABASE_URL".to_owned()
+                }
+                DecisionStoreKind::Memory => "cannot open the in-memory decision store".to_owned(),
+            })?;
     let gate = Arc::new(RateGate::new(settings.rate_limit, settings.rate_burst));
     let genesys =
         GenesysClient::new(&settings.genesys, gate).context("cannot set up the Genesys client")?;
@@ -611,6 +607,37 @@ fn event_properties(delivery: &Delivery, job_id: Option<&str>) -> BasicPropertie
         properties = properties.with_correlation_id(ShortString::from(correlation));
     }
     properties
+}
+
+/// Opens the configured decision store. A PostgreSQL that does not answer yet (a database
+/// starting beside the worker, a network blip) is retried with capped backoff while `/readyz`
+/// says not ready; anything else (a bad URL, a newer schema, a state directory in use) stops
+/// the start at once.
+async fn open_store(
+    settings: &RunSettings,
+    shutdown: &CancellationToken,
+) -> Result<DecisionStore, crate::decisions::StoreError> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let opened = DecisionStore::open_configured(
+            settings.decisions,
+            &settings.state_dir,
+            settings.database_url.as_ref(),
+            false,
+        )
+        .await;
+        match opened {
+            Err(error) if error.is_unreachable() => {
+                tracing::warn!(%error, retry_in_s = wait.as_secs(), "the decision store does not answer yet");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(error),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(PAUSE_CAP);
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Renews this process's lease (PostgreSQL) or checks its store file (file) every

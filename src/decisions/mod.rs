@@ -176,6 +176,21 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the store could not be reached at all (rather than refusing what was asked):
+    /// worth retrying as it is.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout { .. }
+                | Self::Open {
+                    step: "connecting",
+                    ..
+                }
+        )
+    }
+}
+
 /// Claims, waiting marks and decisions, keyed by job id.
 ///
 /// An enum over the two backends rather than a trait object: both are known here, and each

@@ -626,3 +626,30 @@ async fn a_store_file_deleted_under_the_worker_is_detected_and_it_stops_being_re
     app.cleanup().await;
     let _ = std::fs::remove_dir_all(state_dir);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. PostgreSQL not answering when the worker starts.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_its_database_answers_waits_not_ready_then_consumes() {
+    let app = fleet_app(0).await;
+    let db = TestDatabase::create().await;
+    let proxy = TcpProxy::start(db.server()).await;
+    proxy.cut();
+    let worker = FleetWorker::spawn(&app, "early", &db.url_via(&proxy), "5s");
+    // Alive and serving its endpoints, but not ready and not consuming.
+    wait_until(WAIT, "the worker answers /readyz", || async {
+        worker.ready().await.is_some()
+    })
+    .await;
+    assert_eq!(worker.ready().await, Some(false));
+    app.publish_job(&job("early-1")).await;
+    proxy.restore();
+    worker.wait_ready(true, Duration::from_secs(40)).await;
+    let events = app.result_events(1, WAIT).await;
+    assert_eq!(events[0].outcome, Outcome::Placed);
+    stop_all(vec![worker]).await;
+    let state_dir = app.settings.state_dir.clone();
+    app.cleanup().await;
+    let _ = std::fs::remove_dir_all(state_dir);
+}
