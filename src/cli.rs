@@ -135,21 +135,32 @@ pub struct RunArgs {
     pub worker_name: Option<String>,
 }
 
-/// Where claims and decisions are kept: shared by `dialer run` and `dialer decisions`.
+/// Where claims and decisions are kept: shared by `dialer run` and `dialer decisions`. Global,
+/// so `dialer decisions show JOB --decisions postgres` works too.
 #[derive(Debug, Args, Clone)]
 pub struct StoreArgs {
     /// Decision store: file (embedded), postgres (shared by a fleet) or memory (tests only).
-    #[arg(long, env = "DIALER_DECISIONS", default_value = "file")]
+    #[arg(long, global = true, env = "DIALER_DECISIONS", default_value = "file")]
     pub decisions: String,
     /// Directory of the embedded decision store.
-    #[arg(long, env = "DIALER_STATE_DIR", default_value = "./dialer-state")]
+    #[arg(
+        long,
+        global = true,
+        env = "DIALER_STATE_DIR",
+        default_value = "./dialer-state"
+    )]
     pub state_dir: PathBuf,
     /// PostgreSQL URL of the shared decision store (postgres://…; sslmode=require or
     /// verify-full for TLS).
-    #[arg(long, env = "DIALER_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "DIALER_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     /// File holding DIALER_DATABASE_URL (a mounted secret).
-    #[arg(long, env = "DIALER_DATABASE_URL_FILE")]
+    #[arg(long, global = true, env = "DIALER_DATABASE_URL_FILE")]
     pub database_url_file: Option<PathBuf>,
 }
 
