@@ -827,6 +827,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn sslrootcert_is_kept_for_verification_and_a_missing_file_is_named() {
+        let (_, tls) =
+            parse_url("postgres://h/d?sslmode=verify-ca&sslrootcert=/etc/ca.pem").unwrap();
+        assert_eq!(
+            tls,
+            Tls::Verify {
+                root_cert: Some("/etc/ca.pem".into())
+            }
+        );
+        let err = RustlsConnector::new(&Tls::Verify {
+            root_cert: Some("/nonexistent/ca.pem".into()),
+        })
+        .err()
+        .expect("refused");
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+
     #[tokio::test]
     async fn sslmode_require_encrypts_and_verify_full_checks_the_certificate() {
         let admin = super::super::suite::admin_url();
