@@ -4,7 +4,7 @@
 //! the rate gate) → classify → record the decision. The consume loop applies the verdict
 //! (publish, then ack / dead-letter / delay / requeue); nothing here touches the broker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -141,6 +141,9 @@ pub struct Pipeline {
     // Decisions made (the call may have been placed) that the store refused to record: kept
     // until it takes them, so the event still carries the real outcome. std Mutex as above.
     unwritten: Mutex<HashMap<String, Vec<u8>>>,
+    // Claims of jobs given back undialled whose release the store refused: released when it
+    // recovers, so a replica waiting on one is not left to call it `unknown`.
+    unreleased: Mutex<HashSet<String>>,
 }
 
 /// Deregisters an in-flight job when its step ends, whichever way.
@@ -198,6 +201,7 @@ impl Pipeline {
             claim_wait: Duration::from_secs(10) + CLAIM_WAIT_MARGIN,
             in_flight: Mutex::new(HashMap::new()),
             unwritten: Mutex::new(HashMap::new()),
+            unreleased: Mutex::new(HashSet::new()),
         }
     }
 
@@ -348,10 +352,12 @@ impl Pipeline {
                 Ok(republish(in_force))
             }
             Step::Delay { queue } => {
-                self.store
-                    .set_waiting(&guard.job_id, &self.owner)
-                    .await
-                    .map_err(store_failure)?;
+                // Not dialled again before the delay: if the mark cannot be written, the job
+                // goes back to the queue instead and its claim is released later.
+                if let Err(error) = self.store.set_waiting(&guard.job_id, &self.owner).await {
+                    self.remember_unreleased(&guard.job_id);
+                    return Err(store_failure(error));
+                }
                 Ok(Verdict::Delay {
                     queue,
                     attempts: progress.attempts,
@@ -359,18 +365,41 @@ impl Pipeline {
                 })
             }
             Step::GiveBack(reason) => {
-                self.store
-                    .release(&guard.job_id, &self.owner)
-                    .await
-                    .map_err(store_failure)?;
+                if let Err(error) = self.store.release(&guard.job_id, &self.owner).await {
+                    self.remember_unreleased(&guard.job_id);
+                    return Err(store_failure(error));
+                }
                 Ok(Verdict::Requeue { reason })
             }
         }
     }
 
-    /// Records the decisions the store refused earlier; `true` when none is left. Called by
-    /// the paused worker before it resumes.
+    fn remember_unreleased(&self, job_id: &str) {
+        self.unreleased
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job_id.to_owned());
+    }
+
+    /// Records the decisions the store refused earlier and releases the claims it would not
+    /// release; `true` when none is left. Called by the paused worker before it resumes.
     pub async fn write_unwritten(&self) -> Result<bool, crate::decisions::StoreError> {
+        let unreleased: Vec<String> = self
+            .unreleased
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for id in unreleased {
+            // Only our own claim goes: if the job was decided or claimed again meanwhile,
+            // this does nothing.
+            self.store.release(&id, &self.owner).await?;
+            self.unreleased
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
         let pending: Vec<(String, Vec<u8>)> = self
             .unwritten
             .lock()
@@ -437,6 +466,18 @@ impl Pipeline {
                 .get(id)
                 .cloned();
             let Some(mut decided) = waiting_on else {
+                let pending_release = self
+                    .unreleased
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(id);
+                if pending_release {
+                    // The paused worker is about to release this claim: dialling on it now
+                    // could race that release. Back to the queue; claimed afresh after.
+                    return Ok(Held::Done(Verdict::Requeue {
+                        reason: "its claim is released once the decision store recovers",
+                    }));
+                }
                 return Ok(Held::Ours);
             };
             // Ends when the deciding step records its decision or gives up (sender dropped).
