@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, DlqAction};
+use crate::cli::{Cli, Command, DecisionsAction, DlqAction};
 use crate::config::{self, ConfigError};
 use crate::sim;
 use crate::telemetry;
@@ -170,6 +170,29 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Demo(args) => {
             let broker = config::broker_settings(&args.broker)?;
             crate::demo::run(broker, usize::from(args.jobs)).await?;
+            Ok(())
+        }
+        Command::Decisions(args) => {
+            let (kind, database_url) = config::store_settings(&args.store)?;
+            let store = crate::reconcile::StoreLocation {
+                kind,
+                state_dir: args.store.state_dir.clone(),
+                database_url,
+            };
+            let action = match args.action {
+                DecisionsAction::Show { job_id } => crate::reconcile::Action::Show(job_id),
+                DecisionsAction::Unknown { since, limit } => crate::reconcile::Action::Unknown {
+                    since: crate::reconcile::parse_since(since.as_deref()).map_err(|problem| {
+                        ConfigError {
+                            variable: "--since",
+                            flag: "since",
+                            problem,
+                        }
+                    })?,
+                    limit,
+                },
+            };
+            crate::reconcile::run(store, action, args.show_phone_numbers).await?;
             Ok(())
         }
         Command::Completions { shell } => {

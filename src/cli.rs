@@ -104,6 +104,15 @@ Examples:
   dialer bench --quick                        # a smoke run of about 12 s
   dialer bench --only 2,3 --rate 50")]
     Bench(BenchArgs),
+    /// Show a job's recorded decision; list `unknown` jobs for reconciliation.
+    #[command(after_help = "\
+Examples:
+  dialer decisions show lead-1001
+  dialer decisions unknown --since 2026-11-30T00:00:00Z
+  DIALER_DECISIONS=postgres DIALER_DATABASE_URL_FILE=/run/secrets/db dialer decisions unknown
+
+Reads whichever store DIALER_DECISIONS names (the file store may be read while its worker runs).")]
+    Decisions(DecisionsArgs),
     /// Print result events as they arrive: a table on a terminal, NDJSON when piped.
     #[command(after_help = "\
 Examples:
@@ -245,18 +254,77 @@ pub struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "DIALER_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: String,
-    /// Decision store: file or memory (tests only).
-    #[arg(long, env = "DIALER_DECISIONS", default_value = "file")]
-    pub decisions: String,
-    /// Directory of the embedded decision store.
-    #[arg(long, env = "DIALER_STATE_DIR", default_value = "./dialer-state")]
-    pub state_dir: PathBuf,
+    /// The decision store.
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// How long SIGTERM waits for jobs in flight before requeueing them.
     #[arg(long, env = "DIALER_SHUTDOWN_GRACE", default_value = "20s")]
     pub shutdown_grace: String,
     /// Name of this worker in result events (default: host name and process id).
     #[arg(long, env = "DIALER_WORKER_NAME")]
     pub worker_name: Option<String>,
+}
+
+/// Where claims and decisions are kept: shared by `dialer run` and `dialer decisions`. Global,
+/// so `dialer decisions show JOB --decisions postgres` works too.
+#[derive(Debug, Args, Clone)]
+pub struct StoreArgs {
+    /// Decision store: file (embedded), postgres (shared by a fleet) or memory (tests only).
+    #[arg(long, global = true, env = "DIALER_DECISIONS", default_value = "file")]
+    pub decisions: String,
+    /// Directory of the embedded decision store.
+    #[arg(
+        long,
+        global = true,
+        env = "DIALER_STATE_DIR",
+        default_value = "./dialer-state"
+    )]
+    pub state_dir: PathBuf,
+    /// PostgreSQL URL of the shared decision store (postgres://…; sslmode=require or
+    /// verify-full for TLS).
+    #[arg(
+        long,
+        global = true,
+        env = "DIALER_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// File holding DIALER_DATABASE_URL (a mounted secret).
+    #[arg(long, global = true, env = "DIALER_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+}
+
+/// Flags of `dialer decisions`.
+#[derive(Debug, Args, Clone)]
+pub struct DecisionsArgs {
+    /// The decision store (the same settings as `dialer run`).
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Print phone numbers in full (masked by default, as in logs).
+    #[arg(long, global = true)]
+    pub show_phone_numbers: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: DecisionsAction,
+}
+
+/// `dialer decisions` actions.
+#[derive(Debug, Subcommand, Clone)]
+pub enum DecisionsAction {
+    /// Print one job's record (state, owner, time, recorded event) as JSON.
+    Show {
+        /// The job id.
+        job_id: String,
+    },
+    /// List jobs decided `unknown`, oldest first, one JSON object per line, for reconciliation.
+    Unknown {
+        /// Only those decided at or after this time (RFC 3339); default: the last 7 days.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
 }
 
 /// Flags of `dialer enqueue`.
@@ -373,11 +441,21 @@ pub struct BenchArgs {
     /// How long the precision run (3) keeps a backlog; default 30s, 3s with --quick.
     #[arg(long, env = "DIALER_BENCH_RATE_DURATION")]
     pub rate_duration: Option<String>,
-    /// Run only these measurements (comma-separated numbers 1-9 or names: ceiling, throughput,
-    /// rate, overhead, slow, memory, simulator, fleet, adaptive); default all. (8) and (9) use
-    /// the Redis of DIALER_REDIS_URL, default redis://127.0.0.1:6379.
+    /// Run only these measurements (comma-separated numbers or names: 1 ceiling, 2 throughput,
+    /// 3 rate, 4 overhead, 5 slow, 6 memory, 7 simulator, 8 fleet, 9 adaptive, 10 stores);
+    /// default all. (8) and (9) use the Redis of DIALER_REDIS_URL, default
+    /// redis://127.0.0.1:6379; (10) the PostgreSQL of DIALER_BENCH_DATABASE_URL.
     #[arg(long, env = "DIALER_BENCH_ONLY")]
     pub only: Option<String>,
+    /// PostgreSQL server of (10), as an administrator URL: the run creates a database of its
+    /// own there and drops it afterwards.
+    #[arg(
+        long,
+        env = "DIALER_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    pub database_url: String,
     /// Where the in-process worker's logs go (RUST_LOG filters them, default info); default
     /// nowhere, so the table stays readable while the worker still pays for its logging.
     #[arg(long, env = "DIALER_BENCH_WORKER_LOG")]

@@ -69,6 +69,7 @@ pub async fn run(broker: BrokerSettings, valid_jobs: usize) -> anyhow::Result<()
         retry_ambiguous: false,
         metrics_addr: "127.0.0.1:0".parse()?,
         decisions: DecisionStoreKind::Memory,
+        database_url: None,
         state_dir: std::env::temp_dir(),
         shutdown_grace: Duration::from_secs(5),
         worker_name: "demo".into(),

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod reconcile;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;

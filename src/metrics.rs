@@ -57,6 +57,15 @@ pub const CIRCUIT_OPENED_TOTAL: &str = "dialer_circuit_opened_total";
 /// Job steps that panicked (each still ended with a requeue or an event).
 pub const JOB_PANICS_TOTAL: &str = "dialer_job_panics_total";
 
+/// 1 while the decision store answers; 0 from its first failed operation until a heartbeat
+/// (or the paused worker's probe) succeeds again.
+pub const DECISION_STORE_UP: &str = "dialer_decision_store_up";
+/// Failed decision store operations, by `op` (`claim`, `decide`, `heartbeat`, …).
+pub const DECISION_STORE_ERRORS_TOTAL: &str = "dialer_decision_store_errors_total";
+/// Redelivered jobs that waited for another replica's decision, by `result` (`decided`,
+/// `owner_gone`, `timed_out`).
+pub const DECISION_CLAIM_WAITS_TOTAL: &str = "dialer_decision_claim_waits_total";
+
 /// Buckets for latency-like histograms: 1 ms to 1 min.
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -174,6 +183,18 @@ fn describe() {
         FLEET_CONSUMERS,
         "Consumers on the jobs queue as last read: the share mode's divisor."
     );
+    describe_gauge!(
+        DECISION_STORE_UP,
+        "1 while the decision store answers, 0 after a failed operation until it answers again."
+    );
+    describe_counter!(
+        DECISION_STORE_ERRORS_TOTAL,
+        "Failed decision store operations, by operation."
+    );
+    describe_counter!(
+        DECISION_CLAIM_WAITS_TOTAL,
+        "Redelivered jobs that waited for the replica holding their claim, by how the wait ended."
+    );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Series exist from the start at zero, so the first `unknown` or the first pause is an
     // increase Prometheus can see, and dashboards show 0 rather than "no data".
@@ -187,4 +208,7 @@ fn describe() {
     metrics::counter!(JOB_PANICS_TOTAL).absolute(0);
     metrics::gauge!(BROKER_CONNECTED).set(0.0);
     metrics::gauge!(JOBS_IN_FLIGHT).set(0.0);
+    for result in ["decided", "owner_gone", "timed_out"] {
+        metrics::counter!(DECISION_CLAIM_WAITS_TOTAL, "result" => result).absolute(0);
+    }
 }

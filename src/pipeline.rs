@@ -6,7 +6,7 @@
 //! delivery comes in as a plain [`Incoming`] value, and a delay goes out as a wait for the
 //! broker layer to turn into a delay tier.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -66,6 +66,18 @@ pub struct SystemicFailure {
     pub message: String,
     /// When, so failures of jobs that started before a pause ended can be told apart.
     pub at: tokio::time::Instant,
+    /// Which part failed: what the paused worker probes before it resumes.
+    pub cause: FailureCause,
+}
+
+/// The part whose failure paused the worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureCause {
+    /// Genesys refused the credentials or a permission: probed by asking for a token.
+    Credentials,
+    /// The decision store failed: probed with its heartbeat (and by writing the decisions it
+    /// could not record).
+    Store,
 }
 
 impl SystemicFailure {
@@ -73,9 +85,25 @@ impl SystemicFailure {
         Self {
             message,
             at: tokio::time::Instant::now(),
+            cause: FailureCause::Credentials,
+        }
+    }
+
+    /// A failure of the decision store.
+    pub fn store(message: String) -> Self {
+        Self {
+            message,
+            at: tokio::time::Instant::now(),
+            cause: FailureCause::Store,
         }
     }
 }
+
+/// How long a redelivered job waits for another live replica's decision, beyond the Genesys
+/// request timeout: room for that replica's rate-gate wait and its write to the store.
+pub const CLAIM_WAIT_MARGIN: Duration = Duration::from_secs(5);
+/// How often a waiting job looks at the store for the decision.
+const CLAIM_POLL: Duration = Duration::from_millis(250);
 
 /// What the per-job step is built from.
 pub struct PipelineSettings {
@@ -89,6 +117,9 @@ pub struct PipelineSettings {
     pub retry_ambiguous: bool,
     /// Name in result events (`DIALER_WORKER_NAME`).
     pub worker: String,
+    /// How long a redelivered job claimed by another live replica waits for its decision:
+    /// the Genesys request timeout plus [`CLAIM_WAIT_MARGIN`].
+    pub claim_wait: Duration,
 }
 
 /// Everything the per-job step needs, shared by all jobs of the process.
@@ -104,9 +135,17 @@ pub struct Pipeline {
     shutdown: CancellationToken,
     // Tells the consume loop to pause on a systemic failure.
     systemic: mpsc::UnboundedSender<SystemicFailure>,
+    // How long a redelivered job claimed by another live replica waits for its decision.
+    claim_wait: Duration,
     // Jobs being decided by this process, so a redelivered copy (after a lost connection)
     // waits for the decision instead of calling it `unknown`. std Mutex: no await inside.
     in_flight: Mutex<HashMap<String, watch::Receiver<Option<Vec<u8>>>>>,
+    // Decisions made (the call may have been placed) that the store refused to record: kept
+    // until it takes them, so the event still carries the real outcome. std Mutex as above.
+    unwritten: Mutex<HashMap<String, Vec<u8>>>,
+    // Claims of jobs given back undialled whose release the store refused: released when it
+    // recovers, so a replica waiting on one is not left to call it `unknown`.
+    unreleased: Mutex<HashSet<String>>,
 }
 
 /// Deregisters an in-flight job when its step ends, whichever way.
@@ -162,6 +201,7 @@ impl Pipeline {
             max_attempts,
             retry_ambiguous,
             worker,
+            claim_wait,
         } = settings;
         let (systemic, failures) = mpsc::unbounded_channel();
         let owner = format!("{worker}/{}", uuid::Uuid::new_v4().simple());
@@ -174,7 +214,10 @@ impl Pipeline {
             owner,
             shutdown,
             systemic,
+            claim_wait,
             in_flight: Mutex::new(HashMap::new()),
+            unwritten: Mutex::new(HashMap::new()),
+            unreleased: Mutex::new(HashSet::new()),
         };
         (pipeline, failures)
     }
@@ -206,6 +249,25 @@ impl Pipeline {
     /// The worker's name, as it appears in result events.
     pub fn worker_name(&self) -> &str {
         &self.worker
+    }
+
+    /// Renews this process's lease in the store: other replicas know its claims are alive.
+    /// Written once before the first claim and then by the heartbeat task.
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        self.store.heartbeat(&self.owner).await
+    }
+
+    /// Tells the consume loop the store failed outside any job (the heartbeat): it pauses
+    /// consumption as for a failure met by a job.
+    pub fn report_store_failure(&self, error: &StoreError) {
+        let _ = self
+            .systemic
+            .send(SystemicFailure::store(error.to_string()));
+    }
+
+    /// Ends this process's lease on a clean stop: its claims are known gone at once.
+    pub async fn end_lease(&self) -> Result<(), StoreError> {
+        self.store.end_lease(&self.owner).await
     }
 
     /// Decides what happens to one delivery.
@@ -259,67 +321,112 @@ impl Pipeline {
         progress: &mut Progress,
     ) -> Result<Verdict, SystemicFailure> {
         let id = job.job_id.as_str().to_owned();
-        let existing = self.store.get(&id).await.map_err(store_failure)?;
-        match (existing, arrival) {
-            (None, _) | (Some(JobState::Waiting), Arrival::Retry | Arrival::Replay) => {}
-            (Some(JobState::Decided { event }), Arrival::Replay) if reopenable(&event) => {
-                tracing::info!(
-                    "replayed from the dead-letter queue: its earlier decision is set aside"
-                );
-                self.store
-                    .forget_decision(&id)
-                    .await
-                    .map_err(store_failure)?;
-            }
-            (Some(JobState::Decided { event }), Arrival::Retry | Arrival::Replay) => {
-                return Ok(republish(event));
-            }
-            (Some(JobState::Claimed { owner }), Arrival::Retry | Arrival::Replay) => {
-                return self.claimed_elsewhere(&job, &owner, progress).await;
-            }
-            (Some(_), Arrival::New) => return Ok(self.duplicate(&job, progress)),
+        // A decision this process made but could not record: record it now and publish it.
+        if let Some(verdict) = self.write_unwritten_one(&id).await? {
+            return Ok(verdict);
         }
-        match self
-            .store
-            .try_claim(&id, &self.owner)
-            .await
-            .map_err(store_failure)?
-        {
-            ClaimResult::Claimed => {}
-            // Another copy of the job got there first (a redelivery racing its delayed copy).
-            ClaimResult::Existing(JobState::Decided { event }) => return Ok(republish(event)),
-            ClaimResult::Existing(JobState::Claimed { owner }) => {
-                return self.claimed_elsewhere(&job, &owner, progress).await;
+        // A claim can change hands while this copy waits for it (its owner gave the job back):
+        // then this copy claims again, a bounded number of times.
+        let mut rounds = 0;
+        let guard = loop {
+            rounds += 1;
+            let existing = self.store.get(&id).await.map_err(store_failure)?;
+            let holder = match (existing, arrival) {
+                (None, _) | (Some(JobState::Waiting), Arrival::Retry | Arrival::Replay) => None,
+                (Some(JobState::Decided { event }), Arrival::Replay) if reopenable(&event) => {
+                    tracing::info!(
+                        "replayed from the dead-letter queue: its earlier decision is set aside"
+                    );
+                    self.store
+                        .forget_decision(&id)
+                        .await
+                        .map_err(store_failure)?;
+                    None
+                }
+                (Some(JobState::Decided { event }), Arrival::Retry | Arrival::Replay) => {
+                    return Ok(republish(event));
+                }
+                (Some(JobState::Claimed { owner }), Arrival::Retry | Arrival::Replay) => {
+                    Some(owner)
+                }
+                (Some(_), Arrival::New) => return Ok(self.duplicate(&job, progress)),
+            };
+            let holder = match holder {
+                Some(owner) => owner,
+                // Registered as in flight *before* the claim, so a copy of the job arriving in
+                // this process while the claim is written finds it and waits for its decision
+                // instead of taking the fresh claim for a leftover one.
+                None => match self.start_in_flight(&id) {
+                    None if arrival == Arrival::New => return Ok(self.duplicate(&job, progress)),
+                    // Another copy is being decided by this process right now: wait for it.
+                    None => self.owner.clone(),
+                    Some(guard) => match self
+                        .store
+                        .try_claim(&id, &self.owner)
+                        .await
+                        .map_err(store_failure)?
+                    {
+                        ClaimResult::Claimed => break guard,
+                        // A new message whose job id was claimed or decided while it was being
+                        // looked up: the CRM sent it twice.
+                        ClaimResult::Existing(_) if arrival == Arrival::New => {
+                            return Ok(self.duplicate(&job, progress));
+                        }
+                        // Another copy of the job got there first (a redelivery racing its
+                        // delayed copy).
+                        ClaimResult::Existing(JobState::Decided { event }) => {
+                            return Ok(republish(event));
+                        }
+                        ClaimResult::Existing(JobState::Claimed { owner }) => owner,
+                        ClaimResult::Existing(JobState::Waiting) => {
+                            return Ok(self.duplicate(&job, progress));
+                        }
+                    },
+                },
+            };
+            match self.claimed_elsewhere(&job, &holder, progress).await? {
+                Held::Done(verdict) => return Ok(verdict),
+                Held::Ours => {
+                    if let Some(guard) = self.start_in_flight(&id) {
+                        break guard;
+                    }
+                }
+                Held::Released => {}
             }
-            ClaimResult::Existing(JobState::Waiting) => return Ok(self.duplicate(&job, progress)),
-        }
-        let (decided, receiver) = watch::channel(None);
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), receiver);
-        let guard = InFlight {
-            pipeline: self,
-            job_id: id,
-            decided,
+            if rounds >= 3 {
+                return Ok(Verdict::Requeue {
+                    reason: "the job's claim kept changing hands",
+                });
+            }
         };
         let verdict = self.dial(&job, progress).await;
         match verdict {
             Step::Decided(event) => {
                 let bytes = event.to_json();
-                let in_force = self
-                    .store
-                    .decide(&guard.job_id, &bytes)
-                    .await
-                    .map_err(store_failure)?;
+                let in_force = match self.store.decide(&guard.job_id, &bytes).await {
+                    Ok(in_force) => in_force,
+                    Err(error) => {
+                        // The call may have been placed: the answer must not be lost. Kept
+                        // until the store takes it; the job goes back to the queue, and its
+                        // next delivery (here, or a replica waiting on this claim) publishes it.
+                        tracing::error!(%error, outcome = event.outcome.as_str(), "cannot record the decision; kept in memory until the decision store recovers");
+                        self.unwritten
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(guard.job_id.clone(), bytes);
+                        return Err(store_failure(error));
+                    }
+                };
                 guard.decided.send_replace(Some(in_force.clone()));
                 Ok(republish(in_force))
             }
             Step::Delay { wait } => {
-                self.store
-                    .set_waiting(&guard.job_id, &self.owner)
-                    .await
-                    .map_err(store_failure)?;
+                // Not dialled again before the delay: if the mark cannot be written, the job
+                // goes back to the queue instead and its claim is released later.
+                if let Err(error) = self.store.set_waiting(&guard.job_id, &self.owner).await {
+                    self.remember_unreleased(&guard.job_id);
+                    return Err(store_failure(error));
+                }
                 Ok(Verdict::Delay {
                     wait,
                     counters: Counters {
@@ -329,34 +436,143 @@ impl Pipeline {
                 })
             }
             Step::GiveBack(reason) => {
-                self.store
-                    .release(&guard.job_id, &self.owner)
-                    .await
-                    .map_err(store_failure)?;
+                if let Err(error) = self.store.release(&guard.job_id, &self.owner).await {
+                    self.remember_unreleased(&guard.job_id);
+                    return Err(store_failure(error));
+                }
                 Ok(Verdict::Requeue { reason })
             }
         }
     }
 
-    /// The job is claimed but undecided. If this process is deciding it (the connection was
-    /// lost and the broker redelivered it), wait for that decision; otherwise its worker died
-    /// mid-call and nobody knows whether the call was placed: `unknown`, never dialled again.
+    /// Marks the job as being decided by this process, unless a copy of it already is
+    /// (`None`). The entry goes when the returned guard is dropped.
+    fn start_in_flight(&self, job_id: &str) -> Option<InFlight<'_>> {
+        let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(job_id) {
+            return None;
+        }
+        let (decided, receiver) = watch::channel(None);
+        map.insert(job_id.to_owned(), receiver);
+        Some(InFlight {
+            pipeline: self,
+            job_id: job_id.to_owned(),
+            decided,
+        })
+    }
+
+    fn remember_unreleased(&self, job_id: &str) {
+        self.unreleased
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job_id.to_owned());
+    }
+
+    /// Records the decisions the store refused earlier and releases the claims it would not
+    /// release; `true` when none is left. Called by the paused worker before it resumes.
+    pub async fn write_unwritten(&self) -> Result<bool, crate::decisions::StoreError> {
+        let unreleased: Vec<String> = self
+            .unreleased
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for id in unreleased {
+            // Only our own claim goes: if the job was decided or claimed again meanwhile,
+            // this does nothing.
+            self.store.release(&id, &self.owner).await?;
+            self.unreleased
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
+        let pending: Vec<(String, Vec<u8>)> = self
+            .unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, bytes)| (id.clone(), bytes.clone()))
+            .collect();
+        for (id, bytes) in pending {
+            self.store.decide(&id, &bytes).await?;
+            self.unwritten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            tracing::info!(job_id = %id, "decision recorded after the decision store recovered");
+        }
+        Ok(self
+            .unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty())
+    }
+
+    /// The unrecorded decision of `id`, recorded now and published; `None` when there is none.
+    async fn write_unwritten_one(&self, id: &str) -> Result<Option<Verdict>, SystemicFailure> {
+        let pending = self
+            .unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        let Some(bytes) = pending else {
+            return Ok(None);
+        };
+        let in_force = self.store.decide(id, &bytes).await.map_err(store_failure)?;
+        self.unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(Some(republish(in_force)))
+    }
+
+    /// The job is claimed by `owner` but undecided.
+    ///
+    /// - This process is deciding it (the connection was lost and the broker redelivered it
+    ///   here): wait for that decision.
+    /// - This process claimed it and its step ended without a decision (a give-back whose
+    ///   release failed): no call is pending, the claim is still ours, dial.
+    /// - Another replica that is still alive holds it (its broker connection dropped mid-call):
+    ///   wait, up to [`Pipeline::claim_wait`], for its decision and publish it.
+    /// - Its owner is gone (its lease ran out), or the wait ran out: nobody knows whether the
+    ///   call was placed: `unknown`, never dialled again.
     async fn claimed_elsewhere(
         &self,
         job: &DialJob,
         owner: &str,
         progress: &Progress,
-    ) -> Result<Verdict, SystemicFailure> {
+    ) -> Result<Held, SystemicFailure> {
         let id = job.job_id.as_str();
-        let waiting_on = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned();
-        if owner == self.owner
-            && let Some(mut decided) = waiting_on
-        {
+        if owner == self.owner {
+            let waiting_on = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned();
+            let Some(mut decided) = waiting_on else {
+                let pending_release = self
+                    .unreleased
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(id);
+                if pending_release {
+                    // The paused worker is about to release this claim: dialling on it now
+                    // could race that release. Back to the queue; claimed afresh after.
+                    return Ok(Held::Done(Verdict::Requeue {
+                        reason: "its claim is released once the decision store recovers",
+                    }));
+                }
+                // Read again: a copy that was in flight a moment ago has recorded its decision
+                // (or given the job back) by the time its entry is gone.
+                return match self.store.get(id).await.map_err(store_failure)? {
+                    Some(JobState::Decided { event }) => Ok(Held::Done(republish(event))),
+                    Some(JobState::Claimed { owner }) if owner == self.owner => Ok(Held::Ours),
+                    _ => Ok(Held::Released),
+                };
+            };
             // Ends when the deciding step records its decision or gives up (sender dropped).
             let outcome = decided
                 .wait_for(Option::is_some)
@@ -364,20 +580,55 @@ impl Pipeline {
                 .ok()
                 .and_then(|d| d.clone());
             return match outcome {
-                Some(bytes) => Ok(republish(bytes)),
+                Some(bytes) => Ok(Held::Done(republish(bytes))),
                 None => match self.store.get(id).await.map_err(store_failure)? {
-                    Some(JobState::Decided { event }) => Ok(republish(event)),
+                    Some(JobState::Decided { event }) => Ok(Held::Done(republish(event))),
                     // Released or sent to a delay queue: this copy is redundant but its
                     // original is already acked or requeued, so this one must not be dropped.
-                    _ => Ok(Verdict::Requeue {
+                    _ => Ok(Held::Done(Verdict::Requeue {
                         reason: "another copy of this job was given back",
-                    }),
+                    })),
                 },
             };
         }
+        let deadline = tokio::time::Instant::now() + self.claim_wait;
+        let ended = loop {
+            if !self
+                .store
+                .owner_alive(owner, &self.owner)
+                .await
+                .map_err(store_failure)?
+            {
+                break "owner_gone";
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break "timed_out";
+            }
+            if !self.sleep_unless_shutdown(CLAIM_POLL).await {
+                return Ok(Held::Done(Verdict::Requeue {
+                    reason: "shutdown while waiting for another replica's decision",
+                }));
+            }
+            match self.store.get(id).await.map_err(store_failure)? {
+                Some(JobState::Decided { event }) => {
+                    metrics::counter!(m::DECISION_CLAIM_WAITS_TOTAL, "result" => "decided")
+                        .increment(1);
+                    tracing::info!(
+                        owner,
+                        "the replica holding this job's claim decided it; publishing its decision"
+                    );
+                    return Ok(Held::Done(republish(event)));
+                }
+                Some(JobState::Claimed { owner: now }) if now == owner => {}
+                // Given back or sent to a delay queue by its owner: claim it afresh.
+                _ => return Ok(Held::Released),
+            }
+        };
+        metrics::counter!(m::DECISION_CLAIM_WAITS_TOTAL, "result" => ended).increment(1);
         tracing::warn!(
             previous_owner = owner,
-            "job was claimed by a worker that stopped before deciding; not dialling again"
+            reason = ended,
+            "job was claimed by a worker that stopped (or did not decide in time) before deciding; not dialling again"
         );
         let event = self.job_event(
             job,
@@ -386,12 +637,13 @@ impl Pipeline {
             None,
             Some(EventError::new("interrupted", "a worker claimed this job and stopped before recording an answer from Genesys; the call may have been placed, so it is not dialled again")),
         );
+        // `decide` keeps a decision the owner recorded in the meantime, and returns it.
         let bytes = self
             .store
             .decide(id, &event.to_json())
             .await
             .map_err(store_failure)?;
-        Ok(republish(bytes))
+        Ok(Held::Done(republish(bytes)))
     }
 
     fn duplicate(&self, job: &DialJob, progress: &Progress) -> Verdict {
@@ -735,6 +987,16 @@ struct Progress {
     tries: u32,
 }
 
+/// What became of a claim held by someone else.
+enum Held {
+    /// Waited for or decided: this verdict.
+    Done(Verdict),
+    /// This process holds it and nothing is in flight for it: dial.
+    Ours,
+    /// Its owner gave it back meanwhile: claim again.
+    Released,
+}
+
 /// Where the claimed job's step ended.
 enum Step {
     Decided(Box<ResultEvent>),
@@ -799,7 +1061,8 @@ fn republish(bytes: Vec<u8>) -> Verdict {
 }
 
 fn store_failure(error: StoreError) -> SystemicFailure {
-    SystemicFailure::now(format!("decision store: {error}"))
+    // The error names the store already.
+    SystemicFailure::store(error.to_string())
 }
 
 #[cfg(test)]

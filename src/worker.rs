@@ -23,12 +23,15 @@ use tokio_util::task::TaskTracker;
 use crate::broker::headers::{self, DeadLetter, Marks};
 use crate::broker::{self, BrokerError, Publisher, Topology};
 use crate::config::{DecisionStoreKind, RunSettings};
-use crate::decisions::DecisionStore;
+use crate::decisions::{DecisionStore, HEARTBEAT_EVERY};
 use crate::event::Outcome;
 use crate::genesys::GenesysClient;
 use crate::health::{self, Readiness};
 use crate::metrics as m;
-use crate::pipeline::{Arrival, Incoming, Pipeline, PipelineSettings, SystemicFailure, Verdict};
+use crate::pipeline::{
+    Arrival, CLAIM_WAIT_MARGIN, FailureCause, Incoming, Pipeline, PipelineSettings,
+    SystemicFailure, Verdict,
+};
 use crate::ratelimit::RateGate;
 
 /// Reconnect backoff cap: long enough not to hammer a broker that is restarting.
@@ -81,21 +84,24 @@ pub async fn start(
             settings.metrics_addr
         )
     })?;
-    let store = match settings.decisions {
-        DecisionStoreKind::File => DecisionStore::open(&settings.state_dir).with_context(|| {
-            format!(
-                "cannot open the decision store in DIALER_STATE_DIR {}",
-                settings.state_dir.display()
-            )
-        })?,
-        DecisionStoreKind::Memory => {
-            tracing::warn!(
-                "DIALER_DECISIONS=memory: decisions are forgotten on exit; for tests and benchmarks only"
-            );
-            DecisionStore::memory()
-        }
-        DecisionStoreKind::Redis => anyhow::bail!("DIALER_DECISIONS=redis is not available yet"),
-    };
+    if settings.decisions == DecisionStoreKind::Memory {
+        tracing::warn!(
+            "DIALER_DECISIONS=memory: decisions are forgotten on exit; for tests and benchmarks only"
+        );
+    }
+    let store =
+        open_store(&settings, &shutdown)
+            .await
+            .with_context(|| match settings.decisions {
+                DecisionStoreKind::File => format!(
+                    "cannot open the decision store in DIALER_STATE_DIR {}",
+                    settings.state_dir.display()
+                ),
+                DecisionStoreKind::Postgres => {
+                    "cannot open the decision store at DIALER_DATABASE_URL".to_owned()
+                }
+                DecisionStoreKind::Memory => "cannot open the in-memory decision store".to_owned(),
+            })?;
     let gate = Arc::new(RateGate::for_settings(&settings, &shutdown));
     let genesys =
         GenesysClient::new(&settings.genesys, gate).context("cannot set up the Genesys client")?;
@@ -110,10 +116,17 @@ pub async fn start(
             max_attempts: settings.max_attempts.get(),
             retry_ambiguous: settings.retry_ambiguous,
             worker: settings.worker_name.clone(),
+            claim_wait: settings.genesys.timeout + CLAIM_WAIT_MARGIN,
         },
         shutdown.clone(),
     );
     let pipeline = Arc::new(pipeline);
+    // The lease exists before the first claim, so no replica ever sees a claim of ours
+    // without it.
+    pipeline
+        .heartbeat()
+        .await
+        .context("the decision store does not answer its first heartbeat")?;
     tracing::info!(
         broker = %crate::config::redact_url(&settings.broker.amqp_url),
         queue = %topology.jobs_queue,
@@ -172,6 +185,10 @@ struct Supervisor {
 impl Supervisor {
     async fn run(mut self) -> anyhow::Result<()> {
         spawn_pruning(self.pipeline.clone(), self.shutdown.clone());
+        // Not the shutdown token: the lease must outlive the drain, or other replicas would
+        // take this process's jobs still finishing for jobs of a dead worker.
+        let stop_heartbeat = CancellationToken::new();
+        let heartbeat = spawn_heartbeat(self.pipeline.clone(), stop_heartbeat.clone());
         let mut backoff = Duration::from_secs(1);
         loop {
             let started = Instant::now();
@@ -205,6 +222,13 @@ impl Supervisor {
                     backoff = (backoff * 2).min(RECONNECT_CAP);
                 }
             }
+        }
+        // Drained: no claim of ours is left undecided, so the lease can go now and no
+        // replica waits out its remaining seconds.
+        stop_heartbeat.cancel();
+        let _ = heartbeat.await;
+        if let Err(error) = self.pipeline.end_lease().await {
+            tracing::warn!(%error, "cannot give up the decision store lease; it expires by itself");
         }
         tracing::info!("dialer worker stopped");
         Ok(())
@@ -369,17 +393,21 @@ impl Supervisor {
             Duration::from_secs(1)
         };
         let mut wait = self.pause_backoff;
-        tracing::error!(error = %failure.message, "systemic failure: jobs requeued, consumption paused until Genesys accepts the credentials");
+        let what = match failure.cause {
+            FailureCause::Credentials => "Genesys accepts the credentials",
+            FailureCause::Store => "the decision store answers",
+        };
+        tracing::error!(error = %failure.message, "systemic failure: jobs requeued, consumption paused until {what}");
         let resumed = loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break false,
                 _ = tokio::time::sleep(wait) => {}
             }
-            match self.pipeline.credentials_accepted().await {
+            match self.probe(failure.cause).await {
                 Ok(()) => break true,
                 Err(error) => {
                     wait = (wait * 2).min(PAUSE_CAP);
-                    tracing::warn!(error = %error, retry_in_s = wait.as_secs(), "credentials still refused");
+                    tracing::warn!(error = %error, retry_in_s = wait.as_secs(), "still failing: {}", failure.message);
                 }
             }
         };
@@ -387,7 +415,7 @@ impl Supervisor {
         self.readiness.paused.store(false, Ordering::Relaxed);
         metrics::gauge!(m::SYSTEMIC_PAUSE).set(0.0);
         if resumed {
-            tracing::info!("Genesys accepts the credentials again; resuming");
+            tracing::info!("{what} again; resuming");
         }
         resumed
     }
@@ -422,6 +450,21 @@ impl Supervisor {
         }
         self.readiness.paused.store(false, Ordering::Relaxed);
         resumed
+    }
+
+    /// Whether what failed works again: a token for credentials; for the store, a heartbeat
+    /// and then every decision it refused earlier written.
+    async fn probe(&self, cause: FailureCause) -> anyhow::Result<()> {
+        match cause {
+            FailureCause::Credentials => self.pipeline.credentials_accepted().await?,
+            FailureCause::Store => {
+                self.pipeline.heartbeat().await?;
+                if !self.pipeline.write_unwritten().await? {
+                    anyhow::bail!("decisions are still waiting to be recorded");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn spawn_job(&self, publisher: Publisher, delivery: Delivery, broken: CancellationToken) {
@@ -684,6 +727,59 @@ fn event_properties(delivery: &Delivery, job_id: Option<&str>) -> BasicPropertie
         properties = properties.with_correlation_id(ShortString::from(correlation));
     }
     properties
+}
+
+/// Opens the configured decision store. A PostgreSQL that does not answer yet (a database
+/// starting beside the worker, a network blip) is retried with capped backoff while `/readyz`
+/// says not ready; anything else (a bad URL, a newer schema, a state directory in use) stops
+/// the start at once.
+async fn open_store(
+    settings: &RunSettings,
+    shutdown: &CancellationToken,
+) -> Result<DecisionStore, crate::decisions::StoreError> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let opened = DecisionStore::open_configured(
+            settings.decisions,
+            &settings.state_dir,
+            settings.database_url.as_ref(),
+            false,
+        )
+        .await;
+        match opened {
+            Err(error) if error.is_unreachable() => {
+                tracing::warn!(%error, retry_in_s = wait.as_secs(), "the decision store does not answer yet");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(error),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(PAUSE_CAP);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Renews this process's lease (PostgreSQL) or checks its store file (file) every
+/// [`HEARTBEAT_EVERY`]; a failure pauses consumption like any store failure.
+fn spawn_heartbeat(
+    pipeline: Arc<Pipeline>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            if let Err(error) = pipeline.heartbeat().await {
+                tracing::warn!(%error, "decision store heartbeat failed");
+                pipeline.report_store_failure(&error);
+            }
+        }
+    })
 }
 
 fn spawn_pruning(pipeline: Arc<Pipeline>, shutdown: CancellationToken) {

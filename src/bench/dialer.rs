@@ -77,7 +77,8 @@ struct InProcess {
 }
 
 impl InProcess {
-    /// Starts a worker on `broker` against `sim` and waits until it consumes.
+    /// Starts a worker on `broker` against `sim` and waits until it consumes; with
+    /// `file_store`, its decisions go to the embedded store in that directory, else to memory.
     async fn start(
         broker: &BrokerSettings,
         sim: &SimHandle,
@@ -85,6 +86,24 @@ impl InProcess {
         rate: Rate,
         burst: u32,
         file_store: Option<&Path>,
+    ) -> anyhow::Result<InProcess> {
+        let store = match file_store {
+            Some(_) => StoreUnderTest::File,
+            None => StoreUnderTest::Memory,
+        };
+        let dir = file_store.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        Self::start_with_store(broker, sim, concurrency, rate, burst, &store, &dir).await
+    }
+
+    /// [`InProcess::start`] with any decision store.
+    async fn start_with_store(
+        broker: &BrokerSettings,
+        sim: &SimHandle,
+        concurrency: u16,
+        rate: Rate,
+        burst: u32,
+        store: &StoreUnderTest,
+        state_dir: &Path,
     ) -> anyhow::Result<InProcess> {
         let settings = RunSettings {
             broker: broker.clone(),
@@ -95,12 +114,16 @@ impl InProcess {
             max_attempts: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
             retry_ambiguous: false,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            decisions: if file_store.is_some() {
-                DecisionStoreKind::File
-            } else {
-                DecisionStoreKind::Memory
+            decisions: match store {
+                StoreUnderTest::Memory => DecisionStoreKind::Memory,
+                StoreUnderTest::File => DecisionStoreKind::File,
+                StoreUnderTest::Postgres(_) => DecisionStoreKind::Postgres,
             },
-            state_dir: file_store.map_or_else(std::env::temp_dir, Path::to_path_buf),
+            state_dir: state_dir.to_path_buf(),
+            database_url: match store {
+                StoreUnderTest::Postgres(url) => Some(url.clone()),
+                _ => None,
+            },
             shutdown_grace: Duration::from_secs(10),
             worker_name: super::WORKER_NAME.to_owned(),
             rate_scope: crate::config::RateScope::Process,
@@ -168,20 +191,39 @@ pub(crate) struct Throughput {
     pub(crate) cpu: CpuUse,
 }
 
-/// Runs (2).
-/// Runs (2) with `jobs` jobs; with `file_store`, the worker keeps its decisions in the
-/// default embedded store (a fresh directory, removed afterwards) instead of in memory.
+/// Where the worker of a throughput run keeps its decisions.
+#[derive(Clone, Debug)]
+pub(crate) enum StoreUnderTest {
+    /// SQLite in memory.
+    Memory,
+    /// The default embedded store, in a fresh directory removed afterwards.
+    File,
+    /// PostgreSQL at this URL.
+    Postgres(Secret),
+}
+
+impl StoreUnderTest {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::File => "file",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// Runs (2) with `jobs` jobs, the worker keeping its decisions in `store`.
 pub(crate) async fn throughput(
     base: &BrokerSettings,
     plan: &Plan,
     run_id: &str,
     jobs: usize,
-    file_store: bool,
+    store: &StoreUnderTest,
 ) -> anyhow::Result<Throughput> {
-    let name = if file_store {
-        "throughput-file"
-    } else {
-        "throughput"
+    let name = match store {
+        StoreUnderTest::Memory => "throughput",
+        StoreUnderTest::File => "throughput-file",
+        StoreUnderTest::Postgres(_) => "throughput-postgres",
     };
     let lab = Lab::open(base, run_id, name).await?;
     let state_dir =
@@ -193,13 +235,14 @@ pub(crate) async fn throughput(
         let collector = lab.collect_events(jobs, plan.run_timeout).await?;
         let cpu = CpuSnapshot::now();
         let started = Instant::now();
-        let worker = InProcess::start(
+        let worker = InProcess::start_with_store(
             &lab.broker,
             &sim,
             plan.concurrency,
             rate(NO_LIMIT_PER_SEC)?,
             10_000,
-            file_store.then_some(state_dir.as_path()),
+            store,
+            &state_dir,
         )
         .await;
         let (events, cpu) = with_worker(worker, async {
@@ -216,7 +259,7 @@ pub(crate) async fn throughput(
         let calls_placed = sim.stats().calls_placed;
         sim.shutdown().await;
         Ok(Throughput {
-            decisions: if file_store { "file" } else { "memory" },
+            decisions: store.name(),
             jobs,
             concurrency: plan.concurrency,
             jobs_per_sec,
@@ -227,10 +270,100 @@ pub(crate) async fn throughput(
     }
     .await;
     lab.cleanup().await;
-    if file_store {
-        let _ = std::fs::remove_dir_all(&state_dir);
-    }
+    let _ = std::fs::remove_dir_all(&state_dir);
     result
+}
+
+/// What (10) measured: (2) with each decision store, the same number of jobs each.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct StoreThroughputs {
+    /// SQLite in memory.
+    pub(crate) memory: Throughput,
+    /// The embedded file store.
+    pub(crate) file: Throughput,
+    /// PostgreSQL on this machine (its server, password removed).
+    pub(crate) postgres: Throughput,
+    /// Which PostgreSQL.
+    pub(crate) database: String,
+}
+
+/// Runs (10): memory, file and PostgreSQL in turn. The database is created for the run on the
+/// server of `admin_url` and dropped afterwards.
+pub(crate) async fn store_throughputs(
+    base: &BrokerSettings,
+    plan: &Plan,
+    run_id: &str,
+    admin_url: &Secret,
+) -> anyhow::Result<StoreThroughputs> {
+    let jobs = plan.file_store_jobs;
+    let memory = throughput(base, plan, run_id, jobs, &StoreUnderTest::Memory).await?;
+    let file = throughput(base, plan, run_id, jobs, &StoreUnderTest::File).await?;
+    let database = BenchDatabase::create(admin_url, run_id).await?;
+    let postgres = throughput(
+        base,
+        plan,
+        run_id,
+        jobs,
+        &StoreUnderTest::Postgres(database.url.clone()),
+    )
+    .await;
+    database.drop_it().await;
+    Ok(StoreThroughputs {
+        memory,
+        file,
+        postgres: postgres?,
+        database: crate::config::redact_url(admin_url.expose()),
+    })
+}
+
+/// A database of the run's own on the server of the admin URL.
+struct BenchDatabase {
+    admin: Secret,
+    name: String,
+    url: Secret,
+}
+
+impl BenchDatabase {
+    async fn create(admin: &Secret, run_id: &str) -> anyhow::Result<Self> {
+        let name = format!("dialer_bench_{run_id}");
+        let client = admin_client(admin).await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .with_context(|| format!("creating the database {name}"))?;
+        let mut url = url::Url::parse(admin.expose()).context("DIALER_BENCH_DATABASE_URL")?;
+        url.set_path(&name);
+        Ok(Self {
+            admin: admin.clone(),
+            name,
+            url: Secret::new(url.to_string()),
+        })
+    }
+
+    async fn drop_it(self) {
+        if let Ok(client) = admin_client(&self.admin).await {
+            let _ = client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                ))
+                .await;
+        }
+    }
+}
+
+async fn admin_client(admin: &Secret) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(admin.expose(), tokio_postgres::NoTls)
+        .await
+        .with_context(|| {
+            format!(
+                "(10) needs PostgreSQL: cannot connect to DIALER_BENCH_DATABASE_URL {}",
+                crate::config::redact_url(admin.expose())
+            )
+        })?;
+    tokio::spawn(connection);
+    Ok(client)
 }
 
 // ---------------------------------------------------------------------------------------------

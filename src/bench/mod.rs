@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::cli::BenchArgs;
-use crate::config::{self, BrokerSettings, ConfigError, QueueType};
+use crate::config::{self, BrokerSettings, ConfigError, QueueType, Secret};
 use report::Report;
 
 /// The nine measurements, in the order they run and print.
@@ -53,10 +53,12 @@ pub enum Measure {
     Fleet,
     /// (9) Adaptive goodput against a limit half the budget.
     Adaptive,
+    /// (10) Throughput with each decision store: memory, file, PostgreSQL.
+    Stores,
 }
 
 impl Measure {
-    const ALL: [Measure; 9] = [
+    const ALL: [Measure; 10] = [
         Self::Ceiling,
         Self::Throughput,
         Self::Rate,
@@ -66,6 +68,7 @@ impl Measure {
         Self::Simulator,
         Self::Fleet,
         Self::Adaptive,
+        Self::Stores,
     ];
 
     fn name(self) -> &'static str {
@@ -79,6 +82,7 @@ impl Measure {
             Self::Simulator => "simulator",
             Self::Fleet => "fleet",
             Self::Adaptive => "adaptive",
+            Self::Stores => "stores",
         }
     }
 
@@ -86,9 +90,8 @@ impl Measure {
         let raw = raw.trim().to_ascii_lowercase();
         Self::ALL
             .iter()
-            .enumerate()
-            .find(|(i, m)| raw == m.name() || raw == (i + 1).to_string())
-            .map(|(_, m)| *m)
+            .find(|m| raw == m.name() || raw == (**m as u8 + 1).to_string())
+            .copied()
     }
 }
 
@@ -119,6 +122,9 @@ pub struct BenchSettings {
     pub only: BTreeSet<Measure>,
     /// Where the in-process worker's logs go (none: discarded).
     pub worker_log: Option<PathBuf>,
+    /// The PostgreSQL server of (10), as an administrator URL: the run creates its own
+    /// database there and drops it.
+    pub database_url: Secret,
 }
 
 fn bad(variable: &'static str, flag: &'static str, problem: String) -> ConfigError {
@@ -215,6 +221,7 @@ pub fn settings(args: &BenchArgs) -> Result<BenchSettings, ConfigError> {
         rounds,
         only,
         worker_log: args.worker_log.clone(),
+        database_url: Secret::new(args.database_url.trim()),
     })
 }
 
@@ -449,13 +456,26 @@ async fn bench(settings: BenchSettings) -> anyhow::Result<()> {
                 }
                 Measure::Throughput if round == FILE_STORE_ROUND => {
                     report.throughput_file_store = Some(
-                        dialer::throughput(broker, &plan, &run_id, plan.file_store_jobs, true)
-                            .await?,
+                        dialer::throughput(
+                            broker,
+                            &plan,
+                            &run_id,
+                            plan.file_store_jobs,
+                            &dialer::StoreUnderTest::File,
+                        )
+                        .await?,
                     );
                 }
                 Measure::Throughput => throughputs.push((
                     round,
-                    dialer::throughput(broker, &plan, &run_id, plan.jobs, false).await?,
+                    dialer::throughput(
+                        broker,
+                        &plan,
+                        &run_id,
+                        plan.jobs,
+                        &dialer::StoreUnderTest::Memory,
+                    )
+                    .await?,
                 )),
                 Measure::Rate => {
                     report.rate = Some(dialer::rate_precision(broker, &plan, &run_id).await?)
@@ -477,6 +497,12 @@ async fn bench(settings: BenchSettings) -> anyhow::Result<()> {
                 }
                 Measure::Adaptive => {
                     report.adaptive = Some(fleet::adaptive(broker, &plan, &run_id).await?)
+                }
+                Measure::Stores => {
+                    report.stores = Some(
+                        dialer::store_throughputs(broker, &plan, &run_id, &settings.database_url)
+                            .await?,
+                    )
                 }
             }
             Ok(())
@@ -548,10 +574,11 @@ async fn bench(settings: BenchSettings) -> anyhow::Result<()> {
 }
 
 /// The names of every measurement's queues (`<prefix>.bench-<run id>-<name>.*`).
-const LAB_NAMES: [&str; 10] = [
+const LAB_NAMES: [&str; 11] = [
     "ceiling",
     "throughput",
     "throughput-file",
+    "throughput-postgres",
     "rate",
     "overhead",
     "slow",
@@ -652,7 +679,8 @@ mod tests {
         assert_eq!(Measure::parse("7"), Some(Measure::Simulator));
         assert_eq!(Measure::parse("8"), Some(Measure::Fleet));
         assert_eq!(Measure::parse("adaptive"), Some(Measure::Adaptive));
-        assert_eq!(Measure::parse("10"), None);
+        assert_eq!(Measure::parse("10"), Some(Measure::Stores));
+        assert_eq!(Measure::parse("11"), None);
         assert_eq!(
             chart_next_to(Path::new("target/b.json")),
             PathBuf::from("target/b-rate.png")

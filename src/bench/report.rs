@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::ceiling::Ceiling;
 use super::cpu::CpuUse;
-use super::dialer::{Overhead, RatePrecision, SlowGenesys, Throughput};
+use super::dialer::{Overhead, RatePrecision, SlowGenesys, StoreThroughputs, Throughput};
 use super::fleet::{AdaptiveGoodput, FleetPrecision};
 use super::memory::Memory;
 use super::simcap::SimCapacity;
@@ -59,6 +59,8 @@ pub(crate) struct Report {
     pub(crate) throughput: Option<Throughput>,
     /// (2) with the default file decision store instead of memory.
     pub(crate) throughput_file_store: Option<Throughput>,
+    /// (10): (2) with each decision store.
+    pub(crate) stores: Option<StoreThroughputs>,
     /// (2)/(1): the median of the rounds' ratios.
     pub(crate) throughput_ratio: Option<f64>,
     /// (1) of each round, jobs/s.
@@ -325,6 +327,23 @@ impl Report {
                     goals::ADAPTIVE_429 * 100.0,
                     verdict(ok)
                 ),
+            ]);
+        }
+        if let Some(st) = &self.stores {
+            rows.push([
+                "10 throughput by decision store".into(),
+                format!(
+                    "memory {:.0}, file {:.0}, postgres {:.0} jobs/s",
+                    st.memory.jobs_per_sec, st.file.jobs_per_sec, st.postgres.jobs_per_sec
+                ),
+                format!(
+                    "{} jobs each, concurrency {}; PostgreSQL {}{}",
+                    st.postgres.jobs,
+                    st.postgres.concurrency,
+                    st.database,
+                    cpu_note(&st.postgres.cpu)
+                ),
+                "for sizing; no goal".into(),
             ]);
         }
         let headers = ["measure", "figure", "conditions", "goal"];

@@ -18,7 +18,7 @@ use url::Url;
 pub use parse::{Rate, parse_duration, parse_rate};
 pub use regions::{REGIONS, Region, resolve_environment};
 
-use crate::cli::{BrokerArgs, GenesysArgs, RunArgs, SimArgs};
+use crate::cli::{BrokerArgs, GenesysArgs, RunArgs, SimArgs, StoreArgs};
 
 /// A setting that could not be used: names the variable and its flag, says what it accepts.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -101,8 +101,8 @@ pub enum QueueType {
 pub enum DecisionStoreKind {
     /// Embedded and crash-safe, under the state directory.
     File,
-    /// Shared by replicas (not implemented yet).
-    Redis,
+    /// PostgreSQL, shared by every replica of a fleet (`DIALER_DATABASE_URL`).
+    Postgres,
     /// In memory: for tests and benchmarks only, forgets everything on exit.
     Memory,
 }
@@ -150,6 +150,9 @@ pub struct RunSettings {
     pub decisions: DecisionStoreKind,
     /// Directory of the embedded decision store.
     pub state_dir: PathBuf,
+    /// PostgreSQL URL of the shared decision store (`DIALER_DECISIONS=postgres` only); a
+    /// secret, since it may hold the password.
+    pub database_url: Option<Secret>,
     /// How long a shutdown waits for jobs in flight.
     pub shutdown_grace: Duration,
     /// Name of this worker instance in result events.
@@ -473,24 +476,7 @@ pub fn run_settings(args: &RunArgs) -> Result<RunSettings> {
         "retry-ambiguous",
     )?;
     let metrics_addr = socket_addr(&args.metrics_addr, "DIALER_METRICS_ADDR", "metrics-addr")?;
-    let decisions = match args.decisions.trim().to_ascii_lowercase().as_str() {
-        "file" => DecisionStoreKind::File,
-        "memory" => DecisionStoreKind::Memory,
-        "redis" => {
-            return Err(ConfigError::new(
-                "DIALER_DECISIONS",
-                "decisions",
-                "redis is not available yet; use file (one worker per state directory) or memory (tests only)",
-            ));
-        }
-        other => {
-            return Err(ConfigError::new(
-                "DIALER_DECISIONS",
-                "decisions",
-                format!("{other:?} is not a decision store; expected file or memory"),
-            ));
-        }
-    };
+    let (decisions, database_url) = store_settings(&args.store)?;
     let shutdown_grace = duration(
         &args.shutdown_grace,
         "DIALER_SHUTDOWN_GRACE",
@@ -510,12 +496,64 @@ pub fn run_settings(args: &RunArgs) -> Result<RunSettings> {
         retry_ambiguous,
         metrics_addr,
         decisions,
-        state_dir: args.state_dir.clone(),
+        state_dir: args.store.state_dir.clone(),
+        database_url,
         shutdown_grace,
         worker_name,
         rate_scope,
         redis_url,
     })
+}
+
+/// Parses the decision store flags: the kind and, for `postgres`, the database URL (from
+/// `DIALER_DATABASE_URL` or the file `DIALER_DATABASE_URL_FILE` names).
+pub fn store_settings(args: &StoreArgs) -> Result<(DecisionStoreKind, Option<Secret>)> {
+    let kind = match args.decisions.trim().to_ascii_lowercase().as_str() {
+        "file" => DecisionStoreKind::File,
+        "postgres" => DecisionStoreKind::Postgres,
+        "memory" => DecisionStoreKind::Memory,
+        other => {
+            return Err(ConfigError::new(
+                "DIALER_DECISIONS",
+                "decisions",
+                format!(
+                    "{other:?} is not a decision store; expected file (one worker per state directory), postgres (shared by a fleet) or memory (tests only)"
+                ),
+            ));
+        }
+    };
+    if kind != DecisionStoreKind::Postgres {
+        return Ok((kind, None));
+    }
+    let (url, variable, flag) = match (&args.database_url, &args.database_url_file) {
+        (Some(url), _) if !url.trim().is_empty() => {
+            (url.trim().to_owned(), "DIALER_DATABASE_URL", "database-url")
+        }
+        (_, Some(path)) if !path.as_os_str().is_empty() => {
+            let content = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(
+                    "DIALER_DATABASE_URL_FILE",
+                    "database-url-file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            (
+                content.trim().to_owned(),
+                "DIALER_DATABASE_URL_FILE",
+                "database-url-file",
+            )
+        }
+        _ => {
+            return Err(ConfigError::new(
+                "DIALER_DATABASE_URL",
+                "database-url",
+                "is required with DIALER_DECISIONS=postgres (or DIALER_DATABASE_URL_FILE): postgres://user:password@host:port/database",
+            ));
+        }
+    };
+    crate::decisions::check_postgres_url(&url)
+        .map_err(|problem| ConfigError::new(variable, flag, problem))?;
+    Ok((kind, Some(Secret::new(url))))
 }
 
 /// Host name and process id: unique enough to tell replicas apart in result events.
@@ -613,6 +651,40 @@ mod tests {
     }
 
     #[test]
+    fn the_database_url_is_read_from_its_file_and_never_shown() {
+        let path = std::env::temp_dir().join(format!("dialer-url-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "postgres://u:hunter2@db:5432/d?sslmode=verify-full\n",
+        )
+        .unwrap();
+        let s = run_args(&[
+            "--decisions",
+            "postgres",
+            "--database-url-file",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(s.decisions, DecisionStoreKind::Postgres);
+        let url = s.database_url.as_ref().unwrap();
+        assert_eq!(
+            url.expose(),
+            "postgres://u:hunter2@db:5432/d?sslmode=verify-full"
+        );
+        assert!(!format!("{s:?}").contains("hunter2"));
+        // A bad URL's message does not echo the password either.
+        let err = run_args(&[
+            "--decisions",
+            "postgres",
+            "--database-url",
+            "postgres://u:hunter2@h/d?sslmode=maybe",
+        ])
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn defaults_follow_the_contract() {
         let s = run_args(&[]).expect("defaults are valid");
         assert_eq!(s.concurrency.get(), 32);
@@ -706,7 +778,32 @@ mod tests {
             (
                 &["--decisions", "disk"],
                 "DIALER_DECISIONS",
-                "file or memory",
+                "postgres (shared by a fleet) or memory",
+            ),
+            (
+                &["--decisions", "postgres"],
+                "DIALER_DATABASE_URL",
+                "is required with DIALER_DECISIONS=postgres",
+            ),
+            (
+                &[
+                    "--decisions",
+                    "postgres",
+                    "--database-url",
+                    "mysql://u:hunter2@h/d",
+                ],
+                "DIALER_DATABASE_URL",
+                "expected postgres://",
+            ),
+            (
+                &[
+                    "--decisions",
+                    "postgres",
+                    "--database-url-file",
+                    "/nonexistent/url",
+                ],
+                "DIALER_DATABASE_URL_FILE",
+                "cannot read /nonexistent/url",
             ),
             (
                 &["--retry-ambiguous", "perhaps"],

@@ -54,6 +54,7 @@ async fn harness(faults: Faults) -> Harness {
             max_attempts: 3,
             retry_ambiguous: false,
             worker: "unit".into(),
+            claim_wait: Duration::from_secs(2),
         },
         shutdown.clone(),
     );
@@ -136,6 +137,38 @@ async fn a_second_message_with_the_same_id_is_a_duplicate() {
     assert_eq!(event.outcome, Outcome::Duplicate);
     assert_eq!(event.error.map(|e| e.kind).as_deref(), Some("duplicate"));
     assert_eq!(h.dialled(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_arriving_together_are_dialled_once() {
+    // Both copies look the job up before either has claimed it: the one that loses the claim
+    // must answer `duplicate` (a new message) or wait for the winner's decision (a redelivery),
+    // never take the winner's fresh claim for a leftover one and dial again.
+    let h = harness(Faults {
+        latency_ms: 50,
+        ..Faults::default()
+    })
+    .await;
+    for round in 0..20 {
+        let id = format!("race-{round}");
+        let second = if round % 2 == 0 {
+            Arrival::New
+        } else {
+            Arrival::Retry
+        };
+        let body = job(&id);
+        let (a, b) = tokio::join!(h.step(&body, Arrival::New), h.step(&body, second));
+        let (a, b) = (published(a).0, published(b).0);
+        let mut outcomes = [a.outcome, b.outcome];
+        outcomes.sort_by_key(|o| o.as_str());
+        let expected = if second == Arrival::New {
+            [Outcome::Duplicate, Outcome::Placed]
+        } else {
+            [Outcome::Placed, Outcome::Placed]
+        };
+        assert_eq!(outcomes, expected, "round {round}: {a:?} / {b:?}");
+    }
+    assert_eq!(h.dialled(), 20, "each job dialled exactly once");
 }
 
 #[tokio::test]

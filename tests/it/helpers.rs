@@ -167,6 +167,7 @@ pub async fn run_settings(sim: &SimHandle) -> RunSettings {
         retry_ambiguous: false,
         metrics_addr: "127.0.0.1:0".parse().expect("addr"),
         decisions: DecisionStoreKind::Memory,
+        database_url: None,
         state_dir: std::env::temp_dir()
             .join(format!("dialer-test-{}", uuid::Uuid::new_v4().simple())),
         shutdown_grace: Duration::from_secs(5),

@@ -8,6 +8,7 @@ mod edges_api;
 mod enqueue_cli;
 mod events_cli;
 mod fleet_rate;
+mod fleet_store;
 mod fuzz_inputs;
 mod genesys_client;
 mod helpers;

@@ -21,9 +21,9 @@ use crate::children::ChildWorker;
 use crate::helpers::{TestApp, job, run_settings, spawn_app, spawn_sim, wait_until};
 
 /// Bound on any single wait for the worker to make progress.
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 /// Bound on a child's exit after a signal (the shutdown grace is 5 s).
-const EXIT_WAIT: Duration = Duration::from_secs(15);
+pub(crate) const EXIT_WAIT: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------
 // 1. SIGTERM in the middle of a load.
@@ -325,7 +325,7 @@ async fn child_app(latency_ms: u64) -> TestApp {
 // RabbitMQ's command line: the worker's connection, found by its name.
 
 /// Runs `rabbitmqctl` with `args`, failing the test with its output when it fails.
-async fn rabbitmqctl(args: &[&str]) -> String {
+pub(crate) async fn rabbitmqctl(args: &[&str]) -> String {
     let output = tokio::time::timeout(
         Duration::from_secs(30),
         tokio::process::Command::new("rabbitmqctl")
@@ -350,7 +350,7 @@ async fn rabbitmqctl(args: &[&str]) -> String {
 /// The plain output is used, not `--formatter json`: only it prints pids in the form
 /// `close_connection` accepts (`<rabbit@host.1.2.0>`, not `#PID<1.2.0>`). Each line is the pid,
 /// a tab, and the client properties as an Erlang term, e.g. `{"connection_name","dialer x"}`.
-async fn connections_named(name: &str) -> Vec<String> {
+pub(crate) async fn connections_named(name: &str) -> Vec<String> {
     let out = rabbitmqctl(&[
         "list_connections",
         "pid",
@@ -368,7 +368,7 @@ async fn connections_named(name: &str) -> Vec<String> {
 }
 
 /// Waits until exactly one connection is named `name` and returns its pid.
-async fn wait_for_connection(name: &str) -> String {
+pub(crate) async fn wait_for_connection(name: &str) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let pids = connections_named(name).await;
@@ -387,7 +387,7 @@ async fn wait_for_connection(name: &str) -> String {
 // Events, queues and what the simulator saw.
 
 /// Consumes result events until `done` holds for all of them so far, failing after `WAIT`.
-async fn collect_events(
+pub(crate) async fn collect_events(
     app: &TestApp,
     what: &str,
     done: impl Fn(&[ResultEvent]) -> bool,
@@ -424,7 +424,7 @@ async fn collect_events(
 }
 
 /// Every event already in the events queue (taken and acked).
-async fn drain_events(app: &TestApp) -> Vec<ResultEvent> {
+pub(crate) async fn drain_events(app: &TestApp) -> Vec<ResultEvent> {
     let mut events = Vec::new();
     while let Some(message) = app
         .channel
@@ -444,7 +444,7 @@ async fn drain_events(app: &TestApp) -> Vec<ResultEvent> {
 
 /// The `jobId`s of the messages in `queue`, leaving them there: taken without an ack on a
 /// channel of their own, which is then closed so the broker requeues them.
-async fn peek_job_ids(app: &TestApp, queue: &str) -> Vec<String> {
+pub(crate) async fn peek_job_ids(app: &TestApp, queue: &str) -> Vec<String> {
     let channel = app.connection.create_channel().await.expect("channel");
     let mut ids = Vec::new();
     while let Some(message) = channel
@@ -464,7 +464,7 @@ async fn peek_job_ids(app: &TestApp, queue: &str) -> Vec<String> {
 }
 
 /// Job ids with a terminal event (anything but `duplicate`, which answers a message).
-fn terminal_job_ids(events: &[ResultEvent]) -> BTreeSet<String> {
+pub(crate) fn terminal_job_ids(events: &[ResultEvent]) -> BTreeSet<String> {
     events
         .iter()
         .filter(|e| e.outcome != Outcome::Duplicate)
@@ -473,7 +473,9 @@ fn terminal_job_ids(events: &[ResultEvent]) -> BTreeSet<String> {
 }
 
 /// Each job's outcome and conversation, after checking that its repeated events agree.
-fn agreed_outcomes(events: &[ResultEvent]) -> BTreeMap<String, (Outcome, Option<String>)> {
+pub(crate) fn agreed_outcomes(
+    events: &[ResultEvent],
+) -> BTreeMap<String, (Outcome, Option<String>)> {
     let mut decided: BTreeMap<String, (Outcome, Option<String>)> = BTreeMap::new();
     for event in events.iter().filter(|e| e.outcome != Outcome::Duplicate) {
         let id = event.job_id.clone().expect("job id");
@@ -496,7 +498,7 @@ fn agreed_outcomes(events: &[ResultEvent]) -> BTreeMap<String, (Outcome, Option<
 }
 
 /// The conversations the simulator created, by `dialerJobId`.
-fn calls_by_job(sim: &SimHandle) -> HashMap<String, Vec<String>> {
+pub(crate) fn calls_by_job(sim: &SimHandle) -> HashMap<String, Vec<String>> {
     let mut calls: HashMap<String, Vec<String>> = HashMap::new();
     for call in sim.placed_calls() {
         calls
@@ -508,7 +510,7 @@ fn calls_by_job(sim: &SimHandle) -> HashMap<String, Vec<String>> {
 }
 
 /// No job reached the simulator's place-call endpoint twice (whatever it was answered).
-fn assert_dialled_at_most_once(sim: &SimHandle) {
+pub(crate) fn assert_dialled_at_most_once(sim: &SimHandle) {
     let mut per_job: HashMap<String, usize> = HashMap::new();
     for attempt in sim.attempts() {
         let id = attempt
@@ -524,7 +526,7 @@ fn assert_dialled_at_most_once(sim: &SimHandle) {
 }
 
 /// Jobs whose place-call request has arrived but not been answered yet.
-fn unanswered_calls(sim: &SimHandle) -> BTreeSet<String> {
+pub(crate) fn unanswered_calls(sim: &SimHandle) -> BTreeSet<String> {
     let waiting: BTreeSet<String> = sim
         .requests()
         .into_iter()
