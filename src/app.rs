@@ -128,7 +128,7 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
                 } => crate::dlq::Action::Replay(crate::dlq::Replay {
                     limit: if all { None } else { Some(limit) },
                     job_ids: job_id,
-                    outcomes: outcome,
+                    outcomes: outcomes(&outcome)?,
                     dry_run,
                 }),
             };
@@ -216,10 +216,19 @@ async fn dispatch(command: Command) -> Result<(), Failure> {
             };
             let options = crate::events::Options {
                 queue: args.queue,
-                outcomes: args.outcome,
+                outcomes: outcomes(&args.outcome)?,
                 job_ids: args.job_id,
                 count: args.count,
-                timeout: args.timeout,
+                timeout: args
+                    .timeout
+                    .as_deref()
+                    .map(config::parse_duration)
+                    .transpose()
+                    .map_err(|problem| ConfigError {
+                        variable: "--timeout",
+                        flag: "timeout",
+                        problem,
+                    })?,
                 format,
             };
             crate::events::run(broker, options).await?;
@@ -270,4 +279,17 @@ pub fn sim_settings(
         token_ttl: cfg.token_ttl,
         faults,
     })
+}
+
+/// The `--outcome` flags of `events` and `dlq replay`, parsed here like every other value the
+/// command line holds as a string.
+fn outcomes(raw: &[String]) -> Result<Vec<crate::event::Outcome>, ConfigError> {
+    raw.iter()
+        .map(|outcome| crate::events::parse_outcome(outcome))
+        .collect::<Result<_, _>>()
+        .map_err(|problem| ConfigError {
+            variable: "--outcome",
+            flag: "outcome",
+            problem,
+        })
 }

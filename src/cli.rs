@@ -23,7 +23,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands (contract §7).
+/// The subcommands (README "Commands").
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The worker: consume dial jobs, place calls, publish result events.
@@ -150,8 +150,8 @@ pub struct EventsArgs {
     pub queue: Option<String>,
     /// Only events with this outcome (repeatable): placed, rejected, failed, unknown, expired,
     /// duplicate.
-    #[arg(long, value_name = "OUTCOME", value_parser = crate::events::parse_outcome)]
-    pub outcome: Vec<crate::event::Outcome>,
+    #[arg(long, value_name = "OUTCOME")]
+    pub outcome: Vec<String>,
     /// Only the events of this job id (repeatable).
     #[arg(long, value_name = "ID")]
     pub job_id: Vec<String>,
@@ -159,8 +159,8 @@ pub struct EventsArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
     /// Exit after this long without an event (e.g. 30s, 2m).
-    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_duration)]
-    pub timeout: Option<std::time::Duration>,
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
     /// Output: table or json (NDJSON); default a table on a terminal, NDJSON otherwise.
     #[arg(long, value_name = "FORMAT", value_parser = ["table", "json"])]
     pub format: Option<String>,
@@ -388,8 +388,8 @@ pub enum DlqAction {
         #[arg(long, value_name = "ID")]
         job_id: Vec<String>,
         /// Only the jobs that ended with this outcome (repeatable): rejected, failed, unknown.
-        #[arg(long, value_name = "OUTCOME", value_parser = crate::events::parse_outcome)]
-        outcome: Vec<crate::event::Outcome>,
+        #[arg(long, value_name = "OUTCOME")]
+        outcome: Vec<String>,
         /// Print what would be replayed and leave every job in place.
         #[arg(long)]
         dry_run: bool,

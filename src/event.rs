@@ -1,4 +1,4 @@
-//! The result event (contract §4): the one terminal message per job, and the outcomes that decide
+//! The result event (`docs/jobs-and-events.md` §3): the one terminal message per job, and the outcomes that decide
 //! where the job goes.
 
 use std::collections::BTreeMap;
@@ -7,7 +7,6 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::genesys::GenesysError;
 use crate::job::Rejection;
 
 /// How a job ended.
@@ -31,7 +30,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Every outcome, in the contract's order.
+    /// Every outcome, in the order `docs/jobs-and-events.md` §4 lists them.
     pub const ALL: [Outcome; 6] = [
         Self::Placed,
         Self::Rejected,
@@ -112,20 +111,9 @@ impl EventError {
             correlation_id: None,
         }
     }
-
-    /// The error of a `failed` or `unknown` event for what Genesys did or did not answer.
-    pub fn from_genesys(error: &GenesysError) -> Self {
-        Self {
-            kind: error.kind().to_owned(),
-            message: error.to_string(),
-            http_status: error.http_status(),
-            code: error.code().map(str::to_owned),
-            correlation_id: error.correlation_id().map(str::to_owned),
-        }
-    }
 }
 
-/// The result event (contract §4), published once per job before the job is acked.
+/// The result event (`docs/jobs-and-events.md` §3), published once per job before the job is acked.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResultEvent {
@@ -331,23 +319,10 @@ mod tests {
     }
 
     #[test]
-    fn errors_come_from_rejections_and_genesys() {
+    fn errors_come_from_rejections() {
         let rejection = crate::job::parse_job(b"[]", Some("m-1")).unwrap_err();
         let error = EventError::from_rejection(&rejection);
         assert_eq!(error.kind, "not_an_object");
         assert_eq!(error.message, rejection.message);
-
-        let genesys = GenesysError::Api {
-            status: 404,
-            code: Some("not.found".into()),
-            message: "user not found".into(),
-            correlation_id: Some("c0ffee".into()),
-            retry_after: None,
-        };
-        let error = EventError::from_genesys(&genesys);
-        assert_eq!(error.kind, "refused");
-        assert_eq!(error.http_status, Some(404));
-        assert_eq!(error.code.as_deref(), Some("not.found"));
-        assert_eq!(error.correlation_id.as_deref(), Some("c0ffee"));
     }
 }

@@ -36,7 +36,7 @@ pub fn job_parser(data: &[u8]) {
             let id = job.job_id.as_str();
             assert!(!id.is_empty() && id.len() <= 128, "job id {id:?}");
             // Mapping to the Genesys request never fails or panics for a parsed job.
-            let request = job.create_call_request();
+            let request = crate::genesys::CreateCallRequest::for_job(&job);
             assert!(request.phone_number.starts_with('+'));
         }
         Err(rejection) => {

@@ -1,4 +1,4 @@
-//! The operations endpoints: `/healthz`, `/readyz` and `/metrics` (contract §8).
+//! The operations endpoints: `/healthz`, `/readyz` and `/metrics` (README "Operations").
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Every metric the dialer exports: names in one place, each described once (contract §8).
+//! Every metric the dialer exports: names in one place, each described once (README "Operations", `docs/runbook.md`).
 //!
 //! Labels have a handful of values each; never a job id, phone number or user id.
 

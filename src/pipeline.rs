@@ -20,7 +20,7 @@ use crate::broker::Delay;
 use crate::broker::headers::{Counters, Marks};
 use crate::decisions::{ClaimResult, DecisionStore, JobState, StoreError};
 use crate::event::{EventError, Outcome, ResultEvent};
-use crate::genesys::{ErrorClass, GenesysClient, GenesysError, UserId};
+use crate::genesys::{CreateCallRequest, ErrorClass, GenesysClient, GenesysError, UserId};
 use crate::job::{Agent, DialJob, parse_job};
 use crate::metrics as m;
 use crate::telemetry::mask_phone;
@@ -697,7 +697,7 @@ impl Pipeline {
             Err(step) => return step,
         };
 
-        let request = job.create_call_request();
+        let request = CreateCallRequest::for_job(job);
         let deadline = job.expires_at;
         let call = GenesysCall {
             what: "dialling",
@@ -821,7 +821,7 @@ impl Pipeline {
                         outcome,
                         progress,
                         call.user,
-                        Some(EventError::from_genesys(&error)),
+                        Some(EventError::from(&error)),
                     ));
                 }
                 Next::Pause => {

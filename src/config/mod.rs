@@ -22,7 +22,7 @@ use crate::cli::{BrokerArgs, GenesysArgs, RunArgs, SimArgs, StoreArgs};
 
 /// A setting that could not be used: names the variable and its flag, says what it accepts.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{variable} (--{flag}): {problem}")]
+#[error("{}: {problem}", setting_name(variable, flag))]
 pub struct ConfigError {
     /// The environment variable, e.g. `DIALER_CONCURRENCY`.
     pub variable: &'static str,
@@ -30,6 +30,15 @@ pub struct ConfigError {
     pub flag: &'static str,
     /// What is wrong and what is accepted; never contains a secret.
     pub problem: String,
+}
+
+/// `DIALER_CONCURRENCY (--concurrency)`, or just `--since` for a flag with no variable.
+fn setting_name(variable: &str, flag: &str) -> String {
+    if variable.starts_with("--") {
+        variable.to_owned()
+    } else {
+        format!("{variable} (--{flag})")
+    }
 }
 
 impl ConfigError {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::model::ErrorBody;
 use super::scrub::{MESSAGE_LIMIT, SHORT_LIMIT, scrub};
+use crate::event::EventError;
 
 /// The longest `Retry-After` honoured. Genesys's own SDKs give up beyond 180 s; an hour keeps a
 /// server's (or a proxy's) absurd value from parking the process for days or overflowing a clock.
@@ -288,9 +289,38 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     Some(Duration::from_secs(seconds).min(RETRY_AFTER_CAP))
 }
 
+/// The error of a `failed` or `unknown` event for what Genesys did or did not answer.
+impl From<&GenesysError> for EventError {
+    fn from(error: &GenesysError) -> Self {
+        Self {
+            kind: error.kind().to_owned(),
+            message: error.to_string(),
+            http_status: error.http_status(),
+            code: error.code().map(str::to_owned),
+            correlation_id: error.correlation_id().map(str::to_owned),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_error_carries_what_genesys_answered() {
+        let genesys = GenesysError::Api {
+            status: 404,
+            code: Some("not.found".into()),
+            message: "user not found".into(),
+            correlation_id: Some("c0ffee".into()),
+            retry_after: None,
+        };
+        let error = EventError::from(&genesys);
+        assert_eq!(error.kind, "refused");
+        assert_eq!(error.http_status, Some(404));
+        assert_eq!(error.code.as_deref(), Some("not.found"));
+        assert_eq!(error.correlation_id.as_deref(), Some("c0ffee"));
+    }
 
     #[test]
     fn the_classification_table_of_the_contract() {

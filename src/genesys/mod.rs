@@ -17,9 +17,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+pub(crate) use crate::job::parse_uuid;
 pub use circuit::{CircuitBreaker, LONG_RATE_LIMIT_PAUSE, OPEN_AFTER, OpenReason};
 pub use error::{ErrorClass, GenesysError, RETRY_AFTER_CAP, classify_status, parse_retry_after};
-pub(crate) use model::parse_uuid;
 pub use model::{CreateCallRequest, CreateCallResponse, ErrorBody, UserId};
 pub use scrub::{MESSAGE_LIMIT, REDACTED, SHORT_LIMIT, scrub};
 pub use token::{TOKEN_LIFETIME_CAP, Token, TokenManager, renewal_margin, token_lifetime};

@@ -2,51 +2,11 @@
 //! (schemas from the official SDKs; see `docs/genesys.md`).
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A Genesys Cloud user id: always a UUID, so it is safe to put in a URL path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct UserId(uuid::Uuid);
-
-impl UserId {
-    /// Parses a UUID in its hyphenated form.
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        parse_uuid(raw).map(Self)
-    }
-}
-
-/// Parses the hyphenated UUID form only (what Genesys uses), with a message naming the value.
-pub(crate) fn parse_uuid(raw: &str) -> Result<uuid::Uuid, String> {
-    if raw.len() != 36 {
-        return Err(format!(
-            "{raw:?} is not a UUID (expected 8-4-4-4-12 hex digits)"
-        ));
-    }
-    uuid::Uuid::try_parse(raw)
-        .map_err(|_| format!("{raw:?} is not a UUID (expected 8-4-4-4-12 hex digits)"))
-}
-
-impl TryFrom<String> for UserId {
-    type Error = String;
-    fn try_from(raw: String) -> Result<Self, String> {
-        Self::parse(&raw)
-    }
-}
-
-impl From<UserId> for String {
-    fn from(id: UserId) -> String {
-        id.to_string()
-    }
-}
-
-impl fmt::Display for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.hyphenated().fmt(f)
-    }
-}
+pub use crate::job::UserId;
+use crate::job::{DialJob, JOB_ID_ATTRIBUTE};
 
 /// `CreateCallRequest`, flat, with only the fields a dialer for one agent uses.
 /// There is no `from`/`to`/`type` object: the agent is the `{userId}` of the path.
@@ -79,6 +39,26 @@ pub struct CreateCallRequest {
     /// External contact to associate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_contact_id: Option<String>,
+}
+
+impl CreateCallRequest {
+    /// The place-call body for a job: its fields, with `dialerJobId` = the job id added to the
+    /// attributes so the conversation can be traced back to the job.
+    pub fn for_job(job: &DialJob) -> Self {
+        let mut attributes = job.attributes.clone();
+        attributes.insert(JOB_ID_ATTRIBUTE.to_owned(), job.job_id.as_str().to_owned());
+        Self {
+            phone_number: job.phone_number.e164().to_owned(),
+            caller_id: job.caller_id.clone(),
+            caller_id_name: job.caller_id_name.clone(),
+            call_from_queue_id: job.call_from_queue_id.clone(),
+            priority: job.priority,
+            attributes,
+            uui_data: job.uui_data.clone(),
+            label: job.label.clone(),
+            external_contact_id: job.external_contact_id.clone(),
+        }
+    }
 }
 
 /// `CreateCallResponse`.

@@ -4,6 +4,7 @@
 
 mod fields;
 mod phone;
+mod user;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,12 +13,12 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::genesys::{CreateCallRequest, UserId, parse_uuid};
 use fields::{
     Body, attributes, check_email, instant, not_a_uuid, priority, shown, string,
     unknown_field_message,
 };
 pub use phone::PhoneNumber;
+pub use user::{UserId, parse_uuid};
 
 /// The largest body accepted (docs/jobs-and-events.md §2); checked before anything is parsed.
 pub const MAX_JOB_BYTES: usize = 64 * 1024;
@@ -147,24 +148,6 @@ impl DialJob {
                 not_before.format(&Rfc3339).unwrap_or_default()
             )
         })
-    }
-
-    /// The body of the place-call request: the job's fields, with `dialerJobId` = the job id
-    /// added to the attributes so the conversation can be traced back to the job.
-    pub fn create_call_request(&self) -> CreateCallRequest {
-        let mut attributes = self.attributes.clone();
-        attributes.insert(JOB_ID_ATTRIBUTE.to_owned(), self.job_id.as_str().to_owned());
-        CreateCallRequest {
-            phone_number: self.phone_number.e164().to_owned(),
-            caller_id: self.caller_id.clone(),
-            caller_id_name: self.caller_id_name.clone(),
-            call_from_queue_id: self.call_from_queue_id.clone(),
-            priority: self.priority,
-            attributes,
-            uui_data: self.uui_data.clone(),
-            label: self.label.clone(),
-            external_contact_id: self.external_contact_id.clone(),
-        }
     }
 }
 
@@ -674,7 +657,7 @@ mod tests {
         job["callFromQueueId"] = QUEUE.into();
         job["priority"] = 3.into();
         let job = parse(job).unwrap();
-        let request = job.create_call_request();
+        let request = crate::genesys::CreateCallRequest::for_job(&job);
         assert_eq!(request.phone_number, "+14155552671");
         assert_eq!(request.call_from_queue_id.as_deref(), Some(QUEUE));
         assert_eq!(request.priority, Some(3));

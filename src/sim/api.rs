@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::agents::{AgentState, SimAgent};
 use super::faults::Injection;
 use super::records::{AttemptEntry, PlacedEntry};
-use super::server::{Shared, TOO_MANY_REQUESTS_CODE, api_error, json, too_many_requests};
+use super::state::{Shared, TOO_MANY_REQUESTS_CODE, api_error, json, too_many_requests};
 
 /// What to do with an admitted API request.
 #[derive(Debug)]
@@ -317,7 +317,7 @@ impl Lenient {
 
 /// Whether `number` is E.164: `+`, a non-zero digit, 7 to 15 digits in all.
 ///
-/// Whether the real service checks the format is UNCONFIRMED (genesys-api.md §1); the simulator
+/// Whether the real service checks the format is not documented (see `docs/genesys.md`); the simulator
 /// is deliberately stricter, so that a client which forgets to normalise numbers is caught here.
 fn is_e164(number: &str) -> bool {
     let Some(digits) = number.strip_prefix('+') else {

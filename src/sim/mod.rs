@@ -1,6 +1,6 @@
 //! A Genesys Cloud simulator (login host and API host on one listener) for development, tests,
 //! the demo and benchmarks: tokens, user search, placing calls for a user, rate limits and
-//! injected faults, behaving like the real service as described in `genesys-api.md`.
+//! injected faults, behaving like the real service as `docs/genesys.md` describes it.
 //!
 //! Endpoints: `POST /oauth/token`; `POST /api/v2/users/search`, `GET /api/v2/users/{id}`,
 //! `POST /api/v2/conversations/calls/user/{userId}`, `POST /api/v2/conversations/calls` (always
@@ -12,6 +12,7 @@ mod api;
 mod faults;
 mod records;
 mod server;
+mod state;
 #[cfg(test)]
 mod tests;
 
@@ -29,10 +30,10 @@ use tokio_util::sync::CancellationToken;
 pub use agents::{AgentState, SimAgent, parse_agents};
 pub use faults::Faults;
 pub use records::{CallAttempt, PlacedCall, RequestRecord, SimStats};
-pub use server::RateScope;
+pub use state::RateScope;
 
 use agents::Directory;
-use server::{Shared, SharedConfig};
+use state::{Shared, SharedConfig};
 
 /// How long [`SimHandle::shutdown`] waits for open connections before cutting them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -61,7 +62,7 @@ pub struct SimSettings {
 }
 
 impl Default for SimSettings {
-    /// The defaults of `dialer sim` (contract §7): 127.0.0.1:9900, `demo`/`demo-secret`, the demo
+    /// The defaults of `dialer sim` (README "Configuration of `dialer run`"): 127.0.0.1:9900, `demo`/`demo-secret`, the demo
     /// agents, 300 requests per minute per token, 24 h tokens, no faults.
     fn default() -> Self {
         SimSettings {

@@ -12,6 +12,7 @@ mod fleet_store;
 mod fuzz_inputs;
 mod genesys_client;
 mod helpers;
+mod layers;
 mod proxy;
 mod resilience;
 mod schemas;

@@ -1,4 +1,4 @@
-//! Resilience against the real RabbitMQ and the simulator (contract §4, §8): SIGTERM in the
+//! Resilience against the real RabbitMQ and the simulator (`docs/jobs-and-events.md` §5, README "Operations"): SIGTERM in the
 //! middle of a load, SIGKILL while calls are in flight then a restart on the same state
 //! directory, and the worker's broker connection force-closed mid-load.
 //!
