@@ -210,7 +210,8 @@ consistency() {
 check consistency "src/metrics.rs, alerts, README, compose, manifests agree" consistency
 
 # ------------------------------------------------------------------------------ live scrape
-# Starts `dialer sim` and `dialer run` (ports chosen by the kernel) against the local RabbitMQ in
+# Starts `dialer sim` and `dialer run` (ports chosen by the kernel; fleet scope without Redis, so
+# the share mode's series exist for the fleet panels) against the local RabbitMQ in
 # a vhost of its own, sends three jobs, then checks /readyz, the Dockerfile's HEALTHCHECK
 # command, and `promtool check metrics` on /metrics.
 BIN=${DIALER_BIN:-}
@@ -254,6 +255,7 @@ live_scrape() {
 
   env -i PATH="$PATH" DIALER_AMQP_URL="$amqp" DIALER_METRICS_ADDR=127.0.0.1:0 \
     DIALER_STATE_DIR="$WORK/state" DIALER_LOG_FORMAT=json DIALER_RATE_LIMIT=50/s \
+    DIALER_RATE_SCOPE=fleet \
     GENESYS_API_BASE_URL="$sim" GENESYS_LOGIN_BASE_URL="$sim" \
     GENESYS_CLIENT_ID=demo GENESYS_CLIENT_SECRET=demo-secret \
     "$WORK/dialer" run >"$WORK/worker.log" 2>&1 &
