@@ -16,9 +16,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Publisher, Topology};
-use crate::config::{
-    self, BrokerSettings, DecisionStoreKind, GenesysSettings, Rate, RunSettings, Secret,
-};
+use crate::config::{self, BrokerSettings, Rate};
 use crate::event::{Outcome, ResultEvent};
 use crate::sim::{self, Faults, SimAgent, SimSettings};
 
@@ -46,36 +44,16 @@ pub async fn run(broker: BrokerSettings, valid_jobs: usize) -> anyhow::Result<()
         },
     })
     .await?;
-    let base = url::Url::parse(&sim.base_url())?;
     let prefix = format!(
         "{}-demo-{}",
         broker.prefix,
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let settings = RunSettings {
-        broker: BrokerSettings { prefix, ..broker },
-        genesys: GenesysSettings {
-            client_id: "demo".into(),
-            client_secret: Secret::new("demo-secret"),
-            api_base: base.clone(),
-            login_base: base,
-            timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
-        },
-        concurrency: std::num::NonZeroU16::new(8).context("concurrency")?,
-        rate_limit: Rate::new(20, Duration::from_secs(1)).context("rate")?,
-        rate_burst: std::num::NonZeroU32::MIN,
-        max_attempts: std::num::NonZeroU32::new(5).context("attempts")?,
-        retry_ambiguous: false,
-        metrics_addr: "127.0.0.1:0".parse()?,
-        decisions: DecisionStoreKind::Memory,
-        database_url: None,
-        state_dir: std::env::temp_dir(),
-        shutdown_grace: Duration::from_secs(5),
-        worker_name: "demo".into(),
-        rate_scope: crate::config::RateScope::Process,
-        redis_url: None,
-    };
+    let mut settings = sim.worker_settings(BrokerSettings { prefix, ..broker }, "demo");
+    // A pace a person can follow, with room for the one retry.
+    settings.concurrency = std::num::NonZeroU16::new(8).context("concurrency")?;
+    settings.rate_limit = Rate::new(20, Duration::from_secs(1)).context("rate")?;
+    settings.rate_burst = std::num::NonZeroU32::MIN;
     let topology = Topology::new(&settings.broker.prefix, settings.broker.queue_type);
     let connection = broker::connect(&settings.broker.amqp_url, "dialer demo (CRM side)")
         .await

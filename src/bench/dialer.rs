@@ -19,9 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::cpu::{CpuSnapshot, CpuUse};
 use super::lab::{Lab, job_properties};
 use super::{Plan, job_body, stats};
-use crate::config::{
-    BrokerSettings, DecisionStoreKind, GenesysSettings, Rate, RunSettings, Secret,
-};
+use crate::config::{BrokerSettings, DecisionStoreKind, Rate, Secret};
 use crate::sim::{self, Faults, SimAgent, SimHandle, SimSettings};
 use crate::worker::RunningWorker;
 
@@ -55,19 +53,6 @@ pub(crate) fn sim_settings(rate_limit: u32, rate_window: Duration, latency_ms: u
 /// A simulator without a rate limit that matters.
 pub(crate) async fn unlimited_sim(latency_ms: u64) -> anyhow::Result<SimHandle> {
     sim::start(sim_settings(UNLIMITED, Duration::from_secs(60), latency_ms)).await
-}
-
-/// The worker's Genesys settings for `sim`.
-pub(crate) fn genesys_settings(sim: &SimHandle) -> anyhow::Result<GenesysSettings> {
-    let base = url::Url::parse(&sim.base_url()).context("the simulator's URL")?;
-    Ok(GenesysSettings {
-        client_id: CLIENT_ID.to_owned(),
-        client_secret: Secret::new(CLIENT_SECRET),
-        api_base: base.clone(),
-        login_base: base,
-        timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(5),
-    })
 }
 
 /// The in-process worker of one measurement.
@@ -105,29 +90,16 @@ impl InProcess {
         store: &StoreUnderTest,
         state_dir: &Path,
     ) -> anyhow::Result<InProcess> {
-        let settings = RunSettings {
-            broker: broker.clone(),
-            genesys: genesys_settings(sim)?,
-            concurrency: NonZeroU16::new(concurrency).unwrap_or(NonZeroU16::MIN),
-            rate_limit: rate,
-            rate_burst: NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN),
-            max_attempts: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
-            retry_ambiguous: false,
-            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            decisions: match store {
-                StoreUnderTest::Memory => DecisionStoreKind::Memory,
-                StoreUnderTest::File => DecisionStoreKind::File,
-                StoreUnderTest::Postgres(_) => DecisionStoreKind::Postgres,
-            },
-            state_dir: state_dir.to_path_buf(),
-            database_url: match store {
-                StoreUnderTest::Postgres(url) => Some(url.clone()),
-                _ => None,
-            },
-            shutdown_grace: Duration::from_secs(10),
-            worker_name: super::WORKER_NAME.to_owned(),
-            rate_scope: crate::config::RateScope::Process,
-            redis_url: None,
+        let mut settings = sim.worker_settings(broker.clone(), super::WORKER_NAME);
+        settings.concurrency = NonZeroU16::new(concurrency).unwrap_or(NonZeroU16::MIN);
+        settings.rate_limit = rate;
+        settings.rate_burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        settings.state_dir = state_dir.to_path_buf();
+        settings.shutdown_grace = Duration::from_secs(10);
+        (settings.decisions, settings.database_url) = match store {
+            StoreUnderTest::Memory => (DecisionStoreKind::Memory, None),
+            StoreUnderTest::File => (DecisionStoreKind::File, None),
+            StoreUnderTest::Postgres(url) => (DecisionStoreKind::Postgres, Some(url.clone())),
         };
         let shutdown = CancellationToken::new();
         let worker = crate::worker::start(settings, shutdown.clone()).await?;

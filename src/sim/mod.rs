@@ -27,6 +27,11 @@ use axum::serve::ListenerExt as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{
+    BrokerSettings, DecisionStoreKind, GenesysSettings, Rate, RunSettings, Secret,
+};
+use std::num::{NonZeroU16, NonZeroU32};
+
 pub use agents::{AgentState, SimAgent, parse_agents};
 pub use faults::Faults;
 pub use records::{CallAttempt, PlacedCall, RequestRecord, SimStats};
@@ -107,6 +112,51 @@ pub struct SimHandle {
 }
 
 impl SimHandle {
+    /// Genesys settings that reach this simulator: its URL for both the login and the API host,
+    /// and the one pair of credentials it accepts.
+    pub fn genesys_settings(&self) -> GenesysSettings {
+        let (client_id, client_secret) = self.shared.credentials();
+        let base = url::Url::parse(&self.base_url()).unwrap_or_else(|error| {
+            unreachable!("a URL built from a socket address parses: {error}")
+        });
+        GenesysSettings {
+            client_id: client_id.to_owned(),
+            client_secret: Secret::new(client_secret),
+            api_base: base.clone(),
+            login_base: base,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A worker against this simulator: the one starting point of the demo, the benchmark and
+    /// the tests, which then change what their story or measurement needs. Memory decisions,
+    /// metrics on a free loopback port, a rate that does not bind (1,000/s, burst 50), 16 jobs
+    /// in flight, process scope.
+    pub fn worker_settings(&self, broker: BrokerSettings, worker_name: &str) -> RunSettings {
+        RunSettings {
+            broker,
+            genesys: self.genesys_settings(),
+            concurrency: NonZeroU16::new(16).unwrap_or(NonZeroU16::MIN),
+            rate_limit: Rate::new(1000, Duration::from_secs(1))
+                .unwrap_or_else(|| unreachable!("1000/s is a rate")),
+            rate_burst: NonZeroU32::new(50).unwrap_or(NonZeroU32::MIN),
+            max_attempts: NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN),
+            retry_ambiguous: false,
+            metrics_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            decisions: DecisionStoreKind::Memory,
+            database_url: None,
+            state_dir: std::env::temp_dir().join(format!(
+                "dialer-{worker_name}-{}",
+                uuid::Uuid::new_v4().simple()
+            )),
+            shutdown_grace: Duration::from_secs(5),
+            worker_name: worker_name.to_owned(),
+            rate_scope: crate::config::RateScope::Process,
+            redis_url: None,
+        }
+    }
+
     /// The address the simulator is bound to.
     pub fn addr(&self) -> SocketAddr {
         self.addr

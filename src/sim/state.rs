@@ -379,6 +379,11 @@ pub(super) fn json(status: StatusCode, value: &impl Serialize) -> Response {
 }
 
 impl Shared {
+    /// The one pair of credentials the simulator accepts.
+    pub(super) fn credentials(&self) -> (&str, &str) {
+        (&self.client_id, &self.client_secret)
+    }
+
     /// Whether the `Authorization: Basic` header carries the configured client id and secret.
     pub(super) fn client_matches(&self, headers: &HeaderMap) -> bool {
         let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {

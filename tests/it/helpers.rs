@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dialer::config::{GenesysSettings, Rate, Secret};
+use dialer::config::{GenesysSettings, Rate};
 use dialer::genesys::{GenesysClient, UserId};
 use dialer::ratelimit::RateGate;
 use dialer::sim::{self, Faults, SimAgent, SimHandle, SimSettings};
@@ -47,14 +47,11 @@ pub async fn spawn_sim(adjust: impl FnOnce(&mut SimSettings)) -> SimHandle {
 
 /// Genesys settings pointing at `sim` with the test credentials.
 pub fn genesys_settings(sim: &SimHandle) -> GenesysSettings {
-    let base = url::Url::parse(&sim.base_url()).expect("sim URL");
+    // Short timeouts: the tests that hang the simulator should not wait ten seconds.
     GenesysSettings {
-        client_id: "test-client".into(),
-        client_secret: Secret::new("test-secret"),
-        api_base: base.clone(),
-        login_base: base,
         timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(1),
+        ..sim.genesys_settings()
     }
 }
 
@@ -83,7 +80,7 @@ pub fn token_requests(sim: &SimHandle) -> usize {
 // The broker and the worker.
 
 use dialer::broker::Topology;
-use dialer::config::{BrokerSettings, DecisionStoreKind, QueueType, RunSettings};
+use dialer::config::{BrokerSettings, QueueType, RunSettings};
 use dialer::event::ResultEvent;
 use dialer::worker::RunningWorker;
 use futures_util::StreamExt;
@@ -153,28 +150,15 @@ pub struct TestApp {
 /// Worker settings for tests: a unique prefix, the simulator, memory decisions, port 0.
 pub async fn run_settings(sim: &SimHandle) -> RunSettings {
     let prefix = format!("test-{}", uuid::Uuid::new_v4().simple());
-    RunSettings {
-        broker: BrokerSettings {
-            amqp_url: amqp_url().await,
-            prefix,
-            queue_type: QueueType::Quorum,
-        },
-        genesys: genesys_settings(sim),
-        concurrency: std::num::NonZeroU16::new(16).expect("nonzero"),
-        rate_limit: Rate::new(1000, Duration::from_secs(1)).expect("rate"),
-        rate_burst: std::num::NonZeroU32::new(50).expect("nonzero"),
-        max_attempts: std::num::NonZeroU32::new(3).expect("nonzero"),
-        retry_ambiguous: false,
-        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-        decisions: DecisionStoreKind::Memory,
-        database_url: None,
-        state_dir: std::env::temp_dir()
-            .join(format!("dialer-test-{}", uuid::Uuid::new_v4().simple())),
-        shutdown_grace: Duration::from_secs(5),
-        worker_name: "test-worker".into(),
-        rate_scope: dialer::config::RateScope::Process,
-        redis_url: None,
-    }
+    let broker = BrokerSettings {
+        amqp_url: amqp_url().await,
+        prefix,
+        queue_type: QueueType::Quorum,
+    };
+    let mut settings = sim.worker_settings(broker, "test-worker");
+    settings.genesys = genesys_settings(sim);
+    settings.max_attempts = std::num::NonZeroU32::new(3).expect("nonzero");
+    settings
 }
 
 /// Starts the simulator (adjusted by `sim`) and a worker (adjusted by `worker`).
