@@ -378,8 +378,8 @@ impl Supervisor {
         }
     }
 
-    /// Waits out a systemic failure: not ready, credentials retried with capped backoff.
-    /// Returns `false` when shutdown started meanwhile.
+    /// Waits out a systemic failure: not ready, what failed (the credentials or the decision
+    /// store) probed with capped backoff. Returns `false` when shutdown started meanwhile.
     async fn pause(&mut self, failure: SystemicFailure) -> bool {
         self.readiness.paused.store(true, Ordering::Relaxed);
         metrics::gauge!(m::SYSTEMIC_PAUSE).set(1.0);
