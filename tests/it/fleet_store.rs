@@ -21,8 +21,8 @@ use crate::helpers::{TestApp, job, run_settings, spawn_sim, wait_until};
 use crate::proxy::TcpProxy;
 use crate::resilience::{
     EXIT_WAIT, WAIT, agreed_outcomes, assert_dialled_at_most_once, calls_by_job, collect_events,
-    drain_events, peek_job_ids, rabbitmqctl, terminal_job_ids, unanswered_calls,
-    wait_for_connection,
+    drain_events, peek_job_ids, placed_once_or_unknown, rabbitmqctl, terminal_job_ids,
+    unanswered_calls, wait_for_connection,
 };
 
 /// The administrator URL of the test server.
@@ -268,28 +268,7 @@ async fn sigkill_of_one_of_three_workers_rings_nobody_twice_and_its_calls_end_un
     stop_all(survivors).await;
     events.extend(drain_events(&app).await);
 
-    assert!(events.iter().all(|e| e.outcome != Outcome::Duplicate));
-    let decided = agreed_outcomes(&events);
-    assert_eq!(
-        decided.keys().cloned().collect::<BTreeSet<_>>(),
-        ids.iter().cloned().collect::<BTreeSet<_>>()
-    );
-    assert_dialled_at_most_once(&app.sim);
-    let calls = calls_by_job(&app.sim);
-    let mut unknown = BTreeSet::new();
-    for (id, (outcome, conversation)) in &decided {
-        match outcome {
-            Outcome::Placed => assert_eq!(
-                calls.get(id),
-                Some(&vec![conversation.clone().expect("conversationId")]),
-                "{id}: placed once, with the event's conversation"
-            ),
-            Outcome::Unknown => {
-                unknown.insert(id.clone());
-            }
-            other => panic!("{id}: unexpected outcome {other:?}"),
-        }
-    }
+    let (decided, unknown) = placed_once_or_unknown(&app, &events, &ids);
     // The victim's calls on the wire when it died end `unknown` (a survivor waited for the
     // victim's lease to run out); `unknown` is only ever a job the victim had dialled.
     for id in &on_the_wire {

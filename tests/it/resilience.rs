@@ -181,33 +181,7 @@ async fn sigkill_mid_call_then_restart_on_the_same_state_dir_rings_nobody_twice(
     // Anything published after the last job was decided (a repeat) is checked too.
     events.extend(drain_events(&app).await);
 
-    assert!(
-        events.iter().all(|e| e.outcome != Outcome::Duplicate),
-        "each job was published once, so no message is a duplicate: {events:#?}"
-    );
-    let decided = agreed_outcomes(&events);
-    assert_eq!(
-        decided.keys().cloned().collect::<BTreeSet<_>>(),
-        ids.iter().cloned().collect::<BTreeSet<_>>()
-    );
-    assert_dialled_at_most_once(&app.sim);
-    let calls = calls_by_job(&app.sim);
-    let mut unknown = BTreeSet::new();
-    for (id, (outcome, conversation)) in &decided {
-        match outcome {
-            Outcome::Placed => assert_eq!(
-                calls.get(id),
-                Some(&vec![conversation.clone().expect("conversationId")]),
-                "{id}: placed once, with the event's conversation"
-            ),
-            // Cut off mid-call: the call may or may not have been made (checked above: at
-            // most one attempt), and it is never made again.
-            Outcome::Unknown => {
-                unknown.insert(id.clone());
-            }
-            other => panic!("{id}: unexpected outcome {other:?}"),
-        }
-    }
+    let (decided, unknown) = placed_once_or_unknown(&app, &events, &ids);
     for id in &on_the_wire {
         assert!(
             unknown.contains(id),
@@ -472,11 +446,12 @@ pub(crate) fn terminal_job_ids(events: &[ResultEvent]) -> BTreeSet<String> {
         .collect()
 }
 
+/// Each job's agreed outcome and conversation id, by job id.
+pub(crate) type Decided = BTreeMap<String, (Outcome, Option<String>)>;
+
 /// Each job's outcome and conversation, after checking that its repeated events agree.
-pub(crate) fn agreed_outcomes(
-    events: &[ResultEvent],
-) -> BTreeMap<String, (Outcome, Option<String>)> {
-    let mut decided: BTreeMap<String, (Outcome, Option<String>)> = BTreeMap::new();
+pub(crate) fn agreed_outcomes(events: &[ResultEvent]) -> Decided {
+    let mut decided = Decided::new();
     for event in events.iter().filter(|e| e.outcome != Outcome::Duplicate) {
         let id = event.job_id.clone().expect("job id");
         let this = (event.outcome, event.conversation_id.clone());
@@ -495,6 +470,44 @@ pub(crate) fn agreed_outcomes(
         }
     }
     decided
+}
+
+/// The checks every crash test makes of its events: no message was a duplicate (each job was
+/// published once), every job has one agreed terminal outcome, nobody was dialled twice, and a
+/// `placed` job was dialled once with the event's conversation. A job cut off mid-call may end
+/// `unknown` (the call may or may not have been made, and it is never made again); no other
+/// outcome is allowed. Returns the agreed outcomes and the jobs that ended `unknown`.
+pub(crate) fn placed_once_or_unknown(
+    app: &TestApp,
+    events: &[ResultEvent],
+    ids: &[String],
+) -> (Decided, BTreeSet<String>) {
+    assert!(
+        events.iter().all(|e| e.outcome != Outcome::Duplicate),
+        "each job was published once, so no message is a duplicate: {events:#?}"
+    );
+    let decided = agreed_outcomes(events);
+    assert_eq!(
+        decided.keys().cloned().collect::<BTreeSet<_>>(),
+        ids.iter().cloned().collect::<BTreeSet<_>>()
+    );
+    assert_dialled_at_most_once(&app.sim);
+    let calls = calls_by_job(&app.sim);
+    let mut unknown = BTreeSet::new();
+    for (id, (outcome, conversation)) in &decided {
+        match outcome {
+            Outcome::Placed => assert_eq!(
+                calls.get(id),
+                Some(&vec![conversation.clone().expect("conversationId")]),
+                "{id}: placed once, with the event's conversation"
+            ),
+            Outcome::Unknown => {
+                unknown.insert(id.clone());
+            }
+            other => panic!("{id}: unexpected outcome {other:?}"),
+        }
+    }
+    (decided, unknown)
 }
 
 /// The conversations the simulator created, by `dialerJobId`.
