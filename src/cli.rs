@@ -260,6 +260,9 @@ pub struct RunArgs {
     /// How long SIGTERM waits for jobs in flight before requeueing them.
     #[arg(long, env = "DIALER_SHUTDOWN_GRACE", default_value = "20s")]
     pub shutdown_grace: String,
+    /// How long jobs in flight (or the async runtime) may stand still before /healthz fails.
+    #[arg(long, env = "DIALER_LIVENESS_TIMEOUT", default_value = "120s")]
+    pub liveness_timeout: String,
     /// Name of this worker in result events (default: host name and process id).
     #[arg(long, env = "DIALER_WORKER_NAME")]
     pub worker_name: Option<String>,

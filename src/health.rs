@@ -11,6 +11,8 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::liveness::Liveness;
+
 /// What readiness is made of; each flag is set by the part that knows.
 #[derive(Debug, Default)]
 pub struct Readiness {
@@ -52,6 +54,7 @@ impl Readiness {
 #[derive(Clone)]
 struct AppState {
     readiness: Arc<Readiness>,
+    liveness: Arc<Liveness>,
     metrics: PrometheusHandle,
 }
 
@@ -59,16 +62,21 @@ struct AppState {
 pub async fn serve(
     addr: SocketAddr,
     readiness: Arc<Readiness>,
+    liveness: Arc<Liveness>,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(AppState { readiness, metrics });
+        .with_state(AppState {
+            readiness,
+            liveness,
+            metrics,
+        });
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -78,6 +86,18 @@ pub async fn serve(
         }
     });
     Ok(bound)
+}
+
+/// The watchdog's verdict (`crate::liveness`): 503 with the reason while the worker looks
+/// wedged. Not readiness: a worker waiting for the broker or paused by a failure is alive.
+async fn healthz(State(state): State<AppState>) -> (StatusCode, String) {
+    match state.liveness.verdict() {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("wedged: {reason}\n"),
+        ),
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {

@@ -25,6 +25,7 @@ pub mod fuzzing;
 pub mod genesys;
 pub mod health;
 pub mod job;
+pub mod liveness;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;

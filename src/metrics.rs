@@ -54,6 +54,8 @@ pub const FLEET_CONSUMERS: &str = "dialer_fleet_consumers";
 pub const CIRCUIT_OPEN: &str = "dialer_circuit_open";
 /// Times the circuit breaker opened, by reason (`outage`, `rate_limited`).
 pub const CIRCUIT_OPENED_TOTAL: &str = "dialer_circuit_opened_total";
+/// 1 while `/healthz` fails: the worker looks wedged (`DIALER_LIVENESS_TIMEOUT`).
+pub const WEDGED: &str = "dialer_wedged";
 /// Job steps that panicked (each still ended with a requeue or an event).
 pub const JOB_PANICS_TOTAL: &str = "dialer_job_panics_total";
 
@@ -164,6 +166,10 @@ fn describe() {
         "Job steps that panicked; each job still ended with a requeue or an event."
     );
     describe_gauge!(
+        WEDGED,
+        "1 while /healthz fails: jobs or the runtime stood still for DIALER_LIVENESS_TIMEOUT."
+    );
+    describe_gauge!(
         RATE_LIMIT_CONFIGURED,
         "Genesys API requests per second of DIALER_RATE_LIMIT (the fleet's budget in fleet scope)."
     );
@@ -205,6 +211,7 @@ fn describe() {
     metrics::counter!(GENESYS_RATE_LIMITED_TOTAL).absolute(0);
     metrics::gauge!(SYSTEMIC_PAUSE).set(0.0);
     metrics::gauge!(CIRCUIT_OPEN).set(0.0);
+    metrics::gauge!(WEDGED).set(0.0);
     metrics::counter!(JOB_PANICS_TOTAL).absolute(0);
     metrics::gauge!(BROKER_CONNECTED).set(0.0);
     metrics::gauge!(JOBS_IN_FLIGHT).set(0.0);

@@ -27,6 +27,7 @@ use crate::decisions::{DecisionStore, HEARTBEAT_EVERY};
 use crate::event::Outcome;
 use crate::genesys::GenesysClient;
 use crate::health::{self, Readiness};
+use crate::liveness::{Excuse, Liveness, Watchdog};
 use crate::metrics as m;
 use crate::pipeline::{
     Arrival, CLAIM_WAIT_MARGIN, FailureCause, Incoming, Pipeline, PipelineSettings,
@@ -50,6 +51,8 @@ pub struct RunningWorker {
     pub metrics_addr: SocketAddr,
     /// Readiness flags, for tests and the demo.
     pub readiness: Arc<Readiness>,
+    /// What `/healthz` says, and the jobs in flight it judges, for tests.
+    pub liveness: Arc<Liveness>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -69,11 +72,13 @@ pub async fn start(
     crate::job::warm_up();
     let metrics = m::install(&settings.broker.prefix);
     let readiness = Arc::new(Readiness::default());
+    let liveness = Arc::new(Liveness::new(settings.liveness_timeout));
     // The endpoint outlives the drain so probes see "not ready" while jobs finish.
     let server_stop = CancellationToken::new();
     let metrics_addr = health::serve(
         settings.metrics_addr,
         readiness.clone(),
+        liveness.clone(),
         metrics,
         server_stop.clone(),
     )
@@ -103,6 +108,16 @@ pub async fn start(
                 DecisionStoreKind::Memory => "cannot open the in-memory decision store".to_owned(),
             })?;
     let gate = Arc::new(RateGate::for_settings(&settings, &shutdown));
+    liveness.spawn_runtime_heartbeat();
+    Watchdog::spawn(&liveness, {
+        let readiness = readiness.clone();
+        let gate = gate.clone();
+        move || Excuse {
+            paused: readiness.paused.load(Ordering::Relaxed),
+            waiting_at_gate: gate.waiting(),
+        }
+    })
+    .context("cannot start the liveness watchdog thread")?;
     let genesys =
         GenesysClient::new(&settings.genesys, gate).context("cannot set up the Genesys client")?;
     let topology = Arc::new(Topology::new(
@@ -144,20 +159,24 @@ pub async fn start(
         pipeline,
         topology,
         readiness: readiness.clone(),
+        liveness: liveness.clone(),
         shutdown,
         systemic: systemic_rx,
         tracker: TaskTracker::new(),
         last_pause_end: None,
         pause_backoff: Duration::from_secs(1),
     };
+    let stopped = liveness.clone();
     let task = tokio::spawn(async move {
         let result = supervisor.run().await;
+        stopped.stop();
         server_stop.cancel();
         result
     });
     Ok(RunningWorker {
         metrics_addr,
         readiness,
+        liveness,
         task,
     })
 }
@@ -175,6 +194,7 @@ struct Supervisor {
     pipeline: Arc<Pipeline>,
     topology: Arc<Topology>,
     readiness: Arc<Readiness>,
+    liveness: Arc<Liveness>,
     shutdown: CancellationToken,
     systemic: mpsc::UnboundedReceiver<SystemicFailure>,
     tracker: TaskTracker,
@@ -470,7 +490,10 @@ impl Supervisor {
     fn spawn_job(&self, publisher: Publisher, delivery: Delivery, broken: CancellationToken) {
         let pipeline = self.pipeline.clone();
         let topology = self.topology.clone();
+        let in_flight = self.liveness.job();
         self.tracker.spawn(async move {
+            // Dropped when the task ends, however: the job's end is a move the watchdog sees.
+            let _in_flight = in_flight;
             let started = Instant::now();
             metrics::counter!(m::JOBS_RECEIVED_TOTAL).increment(1);
             metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);

@@ -164,6 +164,8 @@ pub struct RunSettings {
     pub database_url: Option<Secret>,
     /// How long a shutdown waits for jobs in flight.
     pub shutdown_grace: Duration,
+    /// How long jobs in flight (or the runtime) may stand still before `/healthz` fails.
+    pub liveness_timeout: Duration,
     /// Name of this worker instance in result events.
     pub worker_name: String,
     /// Whether `rate_limit` is this process's or the whole fleet's.
@@ -491,6 +493,21 @@ pub fn run_settings(args: &RunArgs) -> Result<RunSettings> {
         "DIALER_SHUTDOWN_GRACE",
         "shutdown-grace",
     )?;
+    let liveness_timeout = duration(
+        &args.liveness_timeout,
+        "DIALER_LIVENESS_TIMEOUT",
+        "liveness-timeout",
+    )?;
+    if liveness_timeout < Duration::from_secs(1) {
+        return Err(ConfigError::new(
+            "DIALER_LIVENESS_TIMEOUT",
+            "liveness-timeout",
+            format!(
+                "{:?} is too short to tell a wedged worker from a busy one; expected at least 1s (default 120s)",
+                args.liveness_timeout
+            ),
+        ));
+    }
     let worker_name = match args.worker_name.as_deref().map(str::trim) {
         Some(name) if !name.is_empty() => name.to_owned(),
         _ => default_worker_name(),
@@ -508,6 +525,7 @@ pub fn run_settings(args: &RunArgs) -> Result<RunSettings> {
         state_dir: args.store.state_dir.clone(),
         database_url,
         shutdown_grace,
+        liveness_timeout,
         worker_name,
         rate_scope,
         redis_url,
@@ -708,12 +726,24 @@ mod tests {
         );
         assert_eq!(s.genesys.timeout, Duration::from_secs(10));
         assert_eq!(s.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(s.liveness_timeout, Duration::from_secs(120));
         assert_eq!(s.broker.prefix, "dialer");
         assert_eq!(s.broker.queue_type, QueueType::Quorum);
         assert_eq!(s.decisions, DecisionStoreKind::File);
         assert!(!s.retry_ambiguous);
         assert_eq!(s.rate_scope, RateScope::Process);
         assert!(s.redis_url.is_none());
+    }
+
+    #[test]
+    fn the_liveness_timeout_is_a_duration_of_at_least_a_second() {
+        let s = run_args(&["--liveness-timeout", "90s"]).expect("valid");
+        assert_eq!(s.liveness_timeout, Duration::from_secs(90));
+        for bad in ["soon", "0s", "500ms"] {
+            let err = run_args(&["--liveness-timeout", bad]).unwrap_err();
+            assert_eq!(err.variable, "DIALER_LIVENESS_TIMEOUT", "{bad}");
+            assert!(err.to_string().contains(bad), "{err}");
+        }
     }
 
     #[test]

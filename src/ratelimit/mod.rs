@@ -16,7 +16,7 @@ mod fleet;
 
 use std::num::NonZeroU32;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use governor::{DefaultDirectRateLimiter, Quota};
@@ -73,6 +73,9 @@ pub struct RateGate {
     share_fresh: AtomicBool,
     /// Fleet scope only.
     fleet: Option<fleet::Fleet>,
+    /// Requests inside [`Self::acquire`] now: they wait on the rate's schedule, however slow,
+    /// which the liveness watchdog must not take for a wedge.
+    waiting: AtomicUsize,
 }
 
 /// This process's adaptive state (the fleet's lives in Redis while in Redis mode).
@@ -123,6 +126,7 @@ impl RateGate {
             held_back: AtomicBool::new(false),
             share_fresh: AtomicBool::new(false),
             fleet,
+            waiting: AtomicUsize::new(0),
         };
         metrics::gauge!(m::RATE_LIMIT_CONFIGURED).set(limits.budget);
         for each in RateMode::ALL {
@@ -158,9 +162,23 @@ impl RateGate {
         }
     }
 
+    /// Requests waiting for their turn right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     /// Waits for this request's turn; returns how long it waited.
     pub async fn acquire(&self) -> Duration {
         let started = Instant::now();
+        // Counted until this future ends, whether its turn came or it was dropped.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
         let mut tat = self.turn.lock().await;
         loop {
             if let Some(until) = self.pause_deadline() {

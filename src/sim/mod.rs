@@ -151,6 +151,7 @@ impl SimHandle {
                 uuid::Uuid::new_v4().simple()
             )),
             shutdown_grace: Duration::from_secs(5),
+            liveness_timeout: Duration::from_secs(120),
             worker_name: worker_name.to_owned(),
             rate_scope: crate::config::RateScope::Process,
             redis_url: None,

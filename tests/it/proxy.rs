@@ -11,6 +11,8 @@ pub struct TcpProxy {
     addr: SocketAddr,
     // `true` while traffic passes. Connection tasks watch it and drop both ends when it falls.
     passing: watch::Sender<bool>,
+    // `true` while open connections stop forwarding but stay open: a half-open network.
+    frozen: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -21,7 +23,9 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
         let addr = listener.local_addr().expect("proxy address");
         let (passing, _) = watch::channel(true);
+        let (frozen, _) = watch::channel(false);
         let watch = passing.clone();
+        let freeze = frozen.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 // While cut, a new connection is accepted and closed at once: the client sees
@@ -30,12 +34,18 @@ impl TcpProxy {
                     drop(client);
                     continue;
                 }
-                tokio::spawn(forward(client, upstream, watch.subscribe()));
+                tokio::spawn(forward(
+                    client,
+                    upstream,
+                    watch.subscribe(),
+                    freeze.subscribe(),
+                ));
             }
         });
         Self {
             addr,
             passing,
+            frozen,
             accept,
         }
     }
@@ -50,8 +60,16 @@ impl TcpProxy {
         self.passing.send_replace(false);
     }
 
+    /// Stops forwarding on every open connection without closing it, as a network that drops
+    /// everything silently would: the peers notice only by their own timeouts. Ended by
+    /// [`TcpProxy::cut`], which closes them; [`TcpProxy::restore`] then lets new ones through.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
     /// Lets connections through again (the ones that were cut stay closed).
     pub fn restore(&self) {
+        self.frozen.send_replace(false);
         self.passing.send_replace(true);
     }
 }
@@ -63,14 +81,22 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn forward(mut client: TcpStream, upstream: SocketAddr, mut passing: watch::Receiver<bool>) {
+async fn forward(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    mut passing: watch::Receiver<bool>,
+    mut frozen: watch::Receiver<bool>,
+) {
     let Ok(mut server) = TcpStream::connect(upstream).await else {
         return;
     };
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-        _ = passing.wait_for(|passing| !passing) => {}
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+        _ = passing.wait_for(|passing| !passing) => return,
+        _ = frozen.wait_for(|frozen| *frozen) => {}
     }
+    // Frozen: both ends stay open, nothing moves, until the cut.
+    let _ = passing.wait_for(|passing| !passing).await;
 }
 
 #[tokio::test]
