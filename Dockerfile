@@ -76,8 +76,9 @@ USER 10001:10001
 # /metrics, /healthz, /readyz
 EXPOSE 9464
 
-# Liveness, not readiness: a worker that waits for the broker or for valid credentials is
-# alive and recovers by itself; restarting it would not help. No curl in the image: bash
+# Liveness, not readiness: /healthz fails only when the worker is wedged (jobs or the runtime
+# stood still for DIALER_LIVENESS_TIMEOUT); a worker that waits for the broker or for valid
+# credentials is alive and recovers by itself, and restarting it would not help. No curl in the image: bash
 # (always in Debian) speaks enough HTTP/1.0 over /dev/tcp to read the status line.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${DIALER_METRICS_ADDR##*:} && printf 'GET /healthz HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"]

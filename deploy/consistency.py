@@ -12,7 +12,7 @@ Usage: python consistency.py KUSTOMIZE_FILE_STORE.yaml KUSTOMIZE_FLEET.yaml   (P
   no volume claim, decisions in PostgreSQL and the rate in fleet scope with their URLs from the
   Secret, KEDA above one replica;
 - Kubernetes, file store (both, where it applies): one replica with Recreate, grace above DIALER_SHUTDOWN_GRACE, probes on
-  /readyz and /healthz, the secret as a file, Service/ServiceMonitor/Deployment wired to each
+  /readyz and /healthz (startup and liveness), the liveness timeout above the Genesys timeout, the secret as a file, Service/ServiceMonitor/Deployment wired to each
   other, the KEDA example counting unacked messages on the right queue.
 Prints what it checked; exits 1 with one line per problem.
 """
@@ -182,6 +182,10 @@ if container.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/ready
     problem("kubernetes: the readiness probe is not /readyz")
 if container.get("livenessProbe", {}).get("httpGet", {}).get("path") != "/healthz":
     problem("kubernetes: the liveness probe is not /healthz")
+if container.get("startupProbe", {}).get("httpGet", {}).get("path") != "/healthz":
+    problem("kubernetes: the startup probe is not /healthz")
+if seconds(config.get("DIALER_LIVENESS_TIMEOUT", "120s")) <= seconds(config.get("GENESYS_TIMEOUT", "10s")):
+    problem("kubernetes: DIALER_LIVENESS_TIMEOUT must stay above GENESYS_TIMEOUT (a call in flight is no wedge)")
 env = {e["name"]: e for e in container.get("env", [])}
 if "GENESYS_CLIENT_SECRET" in env or "GENESYS_CLIENT_SECRET" in config:
     problem("kubernetes: the client secret must come as a file, not GENESYS_CLIENT_SECRET")
@@ -235,6 +239,9 @@ fleet_pod = fleet["spec"]["template"]["spec"]
 fleet_container = fleet_pod["containers"][0]
 fleet_config = [d for d in fleet_kinds["ConfigMap"] if d["metadata"]["name"].startswith("dialer-config")][0]["data"]
 fleet_env = {e["name"]: e for e in fleet_container.get("env", [])}
+for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    if fleet_container.get(probe, {}).get("httpGet", {}).get("path") != path:
+        problem(f"fleet: the {probe} is not {path}")
 if fleet["spec"].get("replicas", 1) < 2:
     problem("fleet: the Deployment must have several replicas")
 if fleet["spec"].get("strategy", {}).get("type") != "RollingUpdate":
