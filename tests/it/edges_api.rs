@@ -321,7 +321,11 @@ async fn a_genesys_outage_pauses_dialling_and_the_queue_survives_it() {
     const JOBS: usize = 40;
     let app = spawn_app(
         |_| {},
-        |w| w.max_attempts = std::num::NonZeroU32::new(3).unwrap(),
+        |w| {
+            w.max_attempts = std::num::NonZeroU32::new(3).unwrap();
+            // Far shorter than the outage: a paused worker must not look wedged.
+            w.liveness_timeout = Duration::from_secs(1);
+        },
     )
     .await;
     app.sim.set_faults(Faults {
@@ -348,7 +352,16 @@ async fn a_genesys_outage_pauses_dialling_and_the_queue_survives_it() {
         has_series(&body, "dialer_circuit_opened_total", r#"reason="outage""#),
         "{body}"
     );
-    tokio::time::sleep_until(outage_started + OUTAGE).await;
+    // Through the rest of the outage the worker is paused, not wedged: /healthz stays ok.
+    let addr = app.worker.as_ref().unwrap().metrics_addr;
+    while tokio::time::Instant::now() < outage_started + OUTAGE {
+        let response = reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        assert_eq!(status, 200, "{}", response.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let attempts_during_outage = app.sim.attempts().len();
     app.sim.set_faults(Faults::default());
 
