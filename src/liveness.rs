@@ -10,10 +10,12 @@
 //!   slow the configured rate is.
 //!
 //! An idle worker (nothing in flight) is never wedged by the second rule. The verdict is made
-//! by a [`Watchdog`] on its own OS thread, so a blocked runtime is noticed (and logged) even when
-//! no runtime thread is left to notice it; `/healthz` only reads the verdict. When the runtime
-//! is blocked completely, `/healthz` (served on that runtime) cannot answer at all, which a
-//! liveness probe counts as a failure too.
+//! by a watchdog on its own OS thread ([`Liveness::spawn_watchdog`]), so a blocked runtime is
+//! noticed (and logged) even when no runtime thread is left to notice it; `/healthz` only reads
+//! the verdict. When the runtime is blocked completely, `/healthz` (served on that runtime)
+//! cannot answer at all, which a liveness probe counts as a failure too. Nothing is judged
+//! before the decision store is open, and connecting, declaring and migrating have no job in
+//! flight: a slow start never fails `/healthz`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -101,6 +103,35 @@ impl Liveness {
                 }
             }
         });
+    }
+
+    /// Starts the watchdog thread, which judges what the worker reports and ends when it
+    /// stops; `excuse` says what excuses still jobs right now.
+    pub fn spawn_watchdog(
+        self: &Arc<Self>,
+        excuse: impl Fn() -> Excuse + Send + 'static,
+    ) -> std::io::Result<()> {
+        let weak: Weak<Liveness> = Arc::downgrade(self);
+        let every = self.period();
+        let mut judge = Judge::new(self.timeout, self.sample(excuse()), Instant::now());
+        std::thread::Builder::new()
+            .name("dialer-watchdog".into())
+            .spawn(move || {
+                loop {
+                    // The look's period, on a thread of its own: nothing else waits on it.
+                    std::thread::sleep(every);
+                    let Some(liveness) = weak.upgrade() else {
+                        return;
+                    };
+                    if liveness.stopped.load(Ordering::Relaxed) {
+                        liveness.set_verdict(None);
+                        return;
+                    }
+                    let verdict = judge.look(liveness.sample(excuse()), Instant::now());
+                    liveness.set_verdict(verdict);
+                }
+            })
+            .map(|_| ())
     }
 
     fn sample(&self, excuse: Excuse) -> Sample {
@@ -215,39 +246,6 @@ impl Judge {
                 self.timeout.as_secs_f64()
             )
         })
-    }
-}
-
-/// The thread that judges [`Liveness`]; it ends when the worker stops.
-pub struct Watchdog;
-
-impl Watchdog {
-    /// Starts the watchdog thread; `excuse` says what excuses still jobs right now.
-    pub fn spawn(
-        liveness: &Arc<Liveness>,
-        excuse: impl Fn() -> Excuse + Send + 'static,
-    ) -> std::io::Result<()> {
-        let weak: Weak<Liveness> = Arc::downgrade(liveness);
-        let every = liveness.period();
-        let mut judge = Judge::new(liveness.timeout, liveness.sample(excuse()), Instant::now());
-        std::thread::Builder::new()
-            .name("dialer-watchdog".into())
-            .spawn(move || {
-                loop {
-                    // The look's period, on a thread of its own: nothing else waits on it.
-                    std::thread::sleep(every);
-                    let Some(liveness) = weak.upgrade() else {
-                        return;
-                    };
-                    if liveness.stopped.load(Ordering::Relaxed) {
-                        liveness.set_verdict(None);
-                        return;
-                    }
-                    let verdict = judge.look(liveness.sample(excuse()), Instant::now());
-                    liveness.set_verdict(verdict);
-                }
-            })
-            .map(|_| ())
     }
 }
 
@@ -377,7 +375,9 @@ mod tests {
                 });
             })
         };
-        Watchdog::spawn(&liveness, Excuse::default).expect("watchdog thread");
+        liveness
+            .spawn_watchdog(Excuse::default)
+            .expect("watchdog thread");
         let deadline = Instant::now() + Duration::from_secs(10);
         let reason = loop {
             if let Some(reason) = liveness.verdict() {

@@ -27,7 +27,7 @@ use crate::decisions::{DecisionStore, HEARTBEAT_EVERY};
 use crate::event::Outcome;
 use crate::genesys::GenesysClient;
 use crate::health::{self, Readiness};
-use crate::liveness::{Excuse, Liveness, Watchdog};
+use crate::liveness::{Excuse, Liveness};
 use crate::metrics as m;
 use crate::pipeline::{
     Arrival, CLAIM_WAIT_MARGIN, FailureCause, Incoming, Pipeline, PipelineSettings,
@@ -108,16 +108,6 @@ pub async fn start(
                 DecisionStoreKind::Memory => "cannot open the in-memory decision store".to_owned(),
             })?;
     let gate = Arc::new(RateGate::for_settings(&settings, &shutdown));
-    liveness.spawn_runtime_heartbeat();
-    Watchdog::spawn(&liveness, {
-        let readiness = readiness.clone();
-        let gate = gate.clone();
-        move || Excuse {
-            paused: readiness.paused.load(Ordering::Relaxed),
-            waiting_at_gate: gate.waiting(),
-        }
-    })
-    .context("cannot start the liveness watchdog thread")?;
     let genesys =
         GenesysClient::new(&settings.genesys, gate).context("cannot set up the Genesys client")?;
     let topology = Arc::new(Topology::new(
@@ -154,6 +144,19 @@ pub async fn start(
         metrics = %metrics_addr,
         "dialer worker starting"
     );
+    // Judged from here on, once the start can no longer fail: what came before either
+    // finished or stopped the start.
+    liveness
+        .spawn_watchdog({
+            let readiness = readiness.clone();
+            let gate = pipeline.genesys().gate().clone();
+            move || Excuse {
+                paused: readiness.paused.load(Ordering::Relaxed),
+                waiting_at_gate: gate.waiting(),
+            }
+        })
+        .context("cannot start the liveness watchdog thread")?;
+    liveness.spawn_runtime_heartbeat();
     let supervisor = Supervisor {
         settings,
         pipeline,

@@ -65,21 +65,26 @@ fn the_simulator_says_where_it_listens_first() {
 
 #[test]
 fn a_bad_setting_stops_the_start_with_one_line_naming_it() {
-    let output = dialer()
-        .args(["run"])
-        .env("GENESYS_CLIENT_ID", "id")
-        .env("GENESYS_CLIENT_SECRET", "very-secret-value")
-        .env("DIALER_RATE_LIMIT", "lots")
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("DIALER_RATE_LIMIT") && stderr.contains("N/s"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("very-secret-value"));
+    for (variable, value, hint) in [
+        ("DIALER_RATE_LIMIT", "lots", "N/s"),
+        ("DIALER_LIVENESS_TIMEOUT", "0s", "at least 1s"),
+    ] {
+        let output = dialer()
+            .args(["run"])
+            .env("GENESYS_CLIENT_ID", "id")
+            .env("GENESYS_CLIENT_SECRET", "very-secret-value")
+            .env(variable, value)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{variable}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(variable) && stderr.contains(hint),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("very-secret-value"));
+    }
 }
 
 #[tokio::test]
