@@ -97,6 +97,10 @@ async fn a_job_that_stands_still_fails_healthz_within_the_liveness_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    eprintln!(
+        "/healthz failed {:?} after the job stuck (timeout {TIMEOUT:?})",
+        started.elapsed()
+    );
     assert!(
         started.elapsed() >= TIMEOUT - Duration::from_millis(500),
         "failed after only {:?}, before the timeout of {TIMEOUT:?}",
