@@ -16,5 +16,6 @@ mod layers;
 mod proxy;
 mod resilience;
 mod schemas;
+mod store_full;
 mod trust;
 mod worker;
