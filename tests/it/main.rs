@@ -13,6 +13,7 @@ mod fuzz_inputs;
 mod genesys_client;
 mod helpers;
 mod layers;
+mod metrics;
 mod proxy;
 mod resilience;
 mod schemas;
