@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use lapin::BasicProperties;
 use serde_json::{Map, Value};
 
-use crate::broker::{self, Publisher, Topology};
+use crate::broker::{self, Publisher, Topology, headers};
 use crate::config::BrokerSettings;
 use crate::job::{FIELDS, parse_job};
 use crate::output::{self, count};
@@ -109,6 +109,7 @@ pub async fn run(broker: BrokerSettings, options: Options) -> anyhow::Result<()>
                     u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp())
                         .unwrap_or_default(),
                 );
+            properties = with_creation_ms(properties);
             if let Some(id) = line.job_id {
                 properties = properties.with_message_id(id.into());
             }
@@ -349,6 +350,17 @@ fn one_numbering(message: &str) -> String {
         Some(at) => format!("{} at column {}", &message[..at], &message[at + 18..]),
         None => message.to_owned(),
     }
+}
+
+/// The job's creation time in milliseconds (docs/jobs-and-events.md, "Publishing a job"): the
+/// worker measures the queue wait from it, where the AMQP `timestamp` has whole seconds.
+fn with_creation_ms(properties: BasicProperties) -> BasicProperties {
+    let mut table = lapin::types::FieldTable::default();
+    table.insert(
+        headers::TIMESTAMP_IN_MS.into(),
+        lapin::types::AMQPValue::LongLongInt(i64::try_from(headers::now_ms()).unwrap_or(i64::MAX)),
+    );
+    properties.with_headers(table)
 }
 
 #[cfg(test)]

@@ -40,6 +40,11 @@ impl Outcome {
         Self::Duplicate,
     ];
 
+    /// The position in [`Outcome::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The wire name, e.g. `placed`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -195,6 +200,13 @@ mod rfc3339_utc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outcome_index_is_its_place_in_all() {
+        for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(outcome.index(), i, "{outcome:?}");
+        }
+    }
     use time::macros::datetime;
 
     fn placed() -> ResultEvent {

@@ -110,5 +110,5 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
 }
 
 async fn render_metrics(State(state): State<AppState>) -> String {
-    state.metrics.render()
+    crate::metrics::process::render_with(state.metrics.render())
 }

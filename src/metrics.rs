@@ -2,18 +2,33 @@
 //!
 //! Labels have a handful of values each; never a job id, phone number or user id.
 
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use std::time::Duration;
+
+use metrics::{
+    Counter, Gauge, Histogram, Unit, describe_counter, describe_gauge, describe_histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::event::Outcome;
+
+pub mod process;
 
 /// Jobs taken from the queue.
 pub const JOBS_RECEIVED_TOTAL: &str = "dialer_jobs_received_total";
-/// Jobs that ended, by `outcome`.
+/// Jobs that ended, by terminal `outcome` (each job once, when its event is published).
 pub const JOBS_COMPLETED_TOTAL: &str = "dialer_jobs_completed_total";
+/// Deliveries that did not end their job, by `reason`: `delayed` (sent to a delay tier for a
+/// retry or a `notBefore`) or `requeued` (given back to the jobs queue).
+pub const JOBS_DEFERRED_TOTAL: &str = "dialer_jobs_deferred_total";
 /// Jobs being processed now.
 pub const JOBS_IN_FLIGHT: &str = "dialer_jobs_in_flight";
-/// From the job's AMQP timestamp to its delivery.
+/// From the job's creation (header `timestamp_in_ms`, else the AMQP `timestamp`) to its first
+/// delivery; redeliveries and returns from a delay tier are not counted.
 pub const QUEUE_WAIT_SECONDS: &str = "dialer_queue_wait_seconds";
-/// From delivery to the job's ack, by `outcome`.
+/// From the moment the worker sent a job to a delay tier to its delivery back.
+pub const RETRY_WAIT_SECONDS: &str = "dialer_retry_wait_seconds";
+/// From delivery to the job's ack, by `outcome` (a terminal outcome, `delayed` or `requeued`:
+/// every delivery's work).
 pub const JOB_DURATION_SECONDS: &str = "dialer_job_duration_seconds";
 /// Genesys API requests, by `operation` and `status` (HTTP status or `timeout`, `connect`, …).
 pub const GENESYS_REQUESTS_TOTAL: &str = "dialer_genesys_requests_total";
@@ -29,6 +44,9 @@ pub const RETRIES_SCHEDULED_TOTAL: &str = "dialer_retries_scheduled_total";
 pub const TOKEN_RENEWALS_TOTAL: &str = "dialer_token_renewals_total";
 /// 1 while connected to the broker.
 pub const BROKER_CONNECTED: &str = "dialer_broker_connected";
+/// 1 while a consumer of this process is registered on the jobs queue: 0 while connected
+/// means paused (systemic failure, open circuit) or between consumers.
+pub const CONSUMING: &str = "dialer_consuming";
 /// 1 while consumption is paused by a systemic failure (credentials, permissions).
 pub const SYSTEMIC_PAUSE: &str = "dialer_systemic_pause";
 /// Result events published, by `outcome`.
@@ -73,6 +91,112 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Buckets for waits in the queues: 10 ms to 12 hours (a backlog, a paused fleet, a night).
+const WAIT_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+    3600.0, 7200.0, 14400.0, 43200.0,
+];
+
+/// The `reason` values of [`JOBS_DEFERRED_TOTAL`].
+const DEFERRED_REASONS: [&str; 2] = ["delayed", "requeued"];
+
+/// What became of one delivery, for [`JobMetrics::finished`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// The job ended with this outcome (its event published).
+    Ended(Outcome),
+    /// Sent to a delay tier.
+    Delayed,
+    /// Given back to the jobs queue.
+    Requeued,
+}
+
+/// How long a delivery waited before the worker took it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Waited {
+    /// A first delivery, this long after the job's creation.
+    InQueue(Duration),
+    /// Back from a delay tier, this long after the worker sent it there.
+    InDelay(Duration),
+    /// A redelivery, a replay, or no creation time known: not measured.
+    Unmeasured,
+}
+
+/// The per-job metrics, registered once so a job only touches atomics (no lookup by name and
+/// labels on the hot path).
+pub struct JobMetrics {
+    received: Counter,
+    in_flight: Gauge,
+    queue_wait: Histogram,
+    retry_wait: Histogram,
+    /// Indexed like [`Outcome::ALL`].
+    completed: [Counter; Outcome::ALL.len()],
+    /// Indexed like [`Outcome::ALL`], then `delayed`, `requeued`.
+    duration: [Histogram; Outcome::ALL.len() + 2],
+    /// Indexed like [`DEFERRED_REASONS`].
+    deferred: [Counter; 2],
+}
+
+impl JobMetrics {
+    /// Registers the handles with the installed recorder ([`install`] first).
+    pub fn register() -> Self {
+        let labels = Outcome::ALL
+            .map(Outcome::as_str)
+            .into_iter()
+            .chain(DEFERRED_REASONS);
+        let mut duration =
+            labels.map(|label| metrics::histogram!(JOB_DURATION_SECONDS, "outcome" => label));
+        Self {
+            received: metrics::counter!(JOBS_RECEIVED_TOTAL),
+            in_flight: metrics::gauge!(JOBS_IN_FLIGHT),
+            queue_wait: metrics::histogram!(QUEUE_WAIT_SECONDS),
+            retry_wait: metrics::histogram!(RETRY_WAIT_SECONDS),
+            completed: Outcome::ALL.map(
+                |outcome| metrics::counter!(JOBS_COMPLETED_TOTAL, "outcome" => outcome.as_str()),
+            ),
+            duration: std::array::from_fn(|_| duration.next().unwrap_or_else(Histogram::noop)),
+            deferred: DEFERRED_REASONS
+                .map(|reason| metrics::counter!(JOBS_DEFERRED_TOTAL, "reason" => reason)),
+        }
+    }
+
+    /// A delivery taken: counted, in flight, and its wait recorded.
+    pub fn received(&self, waited: Waited) {
+        self.received.increment(1);
+        self.in_flight.increment(1.0);
+        match waited {
+            Waited::InQueue(wait) => self.queue_wait.record(wait.as_secs_f64()),
+            Waited::InDelay(wait) => self.retry_wait.record(wait.as_secs_f64()),
+            Waited::Unmeasured => {}
+        }
+    }
+
+    /// A delivery finished on the broker as `disposition`, `took` after it was taken.
+    pub fn finished(&self, disposition: Disposition, took: Duration) {
+        let index = match disposition {
+            Disposition::Ended(outcome) => {
+                let index = outcome.index();
+                self.completed[index].increment(1);
+                index
+            }
+            Disposition::Delayed => {
+                self.deferred[0].increment(1);
+                Outcome::ALL.len()
+            }
+            Disposition::Requeued => {
+                self.deferred[1].increment(1);
+                Outcome::ALL.len() + 1
+            }
+        };
+        self.duration[index].record(took.as_secs_f64());
+    }
+
+    /// A delivery no longer in flight (finished or not).
+    pub fn left(&self) {
+        self.in_flight.decrement(1.0);
+    }
+}
+
 /// The constant label every series carries: the queue prefix (`DIALER_PREFIX`), which tells
 /// deployments side by side apart in alerts and dashboards (deploy/README.md, "Prometheus").
 pub const PREFIX_LABEL: &str = "prefix";
@@ -84,10 +208,10 @@ pub fn install(prefix: &str) -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            let builder = with_buckets(PrometheusBuilder::new())
                 .unwrap_or_else(|_| PrometheusBuilder::new())
                 .add_global_label(PREFIX_LABEL, prefix);
+            let _ = process::PREFIX.set(prefix.to_owned());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only when another recorder is installed (a test harness); the handle still renders ours.
@@ -98,19 +222,42 @@ pub fn install(prefix: &str) -> PrometheusHandle {
         .clone()
 }
 
+/// The histogram buckets: latency-like ones for every `_seconds`, long ones for the two waits
+/// (a full name wins over a suffix).
+fn with_buckets(
+    builder: PrometheusBuilder,
+) -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    builder
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(QUEUE_WAIT_SECONDS.into()), WAIT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(RETRY_WAIT_SECONDS.into()), WAIT_BUCKETS)
+}
+
 fn describe() {
     describe_counter!(JOBS_RECEIVED_TOTAL, "Dial jobs taken from the jobs queue.");
-    describe_counter!(JOBS_COMPLETED_TOTAL, "Dial jobs that ended, by outcome.");
+    describe_counter!(
+        JOBS_COMPLETED_TOTAL,
+        "Dial jobs that ended, by terminal outcome (once per job)."
+    );
+    describe_counter!(
+        JOBS_DEFERRED_TOTAL,
+        "Deliveries that did not end their job: delayed (to a delay tier) or requeued."
+    );
     describe_gauge!(JOBS_IN_FLIGHT, "Dial jobs being processed now.");
     describe_histogram!(
         QUEUE_WAIT_SECONDS,
         Unit::Seconds,
-        "Time from the job's AMQP timestamp to its delivery."
+        "Time from the job's creation (header timestamp_in_ms, else the AMQP timestamp) to its first delivery."
+    );
+    describe_histogram!(
+        RETRY_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time from sending a job to a delay tier to its delivery back."
     );
     describe_histogram!(
         JOB_DURATION_SECONDS,
         Unit::Seconds,
-        "Time from delivery to the job's final ack, by outcome."
+        "Time from a delivery to its ack, by outcome (terminal, delayed or requeued)."
     );
     describe_counter!(
         GENESYS_REQUESTS_TOTAL,
@@ -136,6 +283,10 @@ fn describe() {
     );
     describe_counter!(TOKEN_RENEWALS_TOTAL, "OAuth token requests, by result.");
     describe_gauge!(BROKER_CONNECTED, "1 while connected to the broker.");
+    describe_gauge!(
+        CONSUMING,
+        "1 while a consumer of this process is registered on the jobs queue."
+    );
     describe_gauge!(
         SYSTEMIC_PAUSE,
         "1 while consumption is paused by a systemic failure."
@@ -214,6 +365,10 @@ fn describe() {
     metrics::gauge!(WEDGED).set(0.0);
     metrics::counter!(JOB_PANICS_TOTAL).absolute(0);
     metrics::gauge!(BROKER_CONNECTED).set(0.0);
+    metrics::gauge!(CONSUMING).set(0.0);
+    for reason in DEFERRED_REASONS {
+        metrics::counter!(JOBS_DEFERRED_TOTAL, "reason" => reason).absolute(0);
+    }
     metrics::gauge!(JOBS_IN_FLIGHT).set(0.0);
     for result in ["decided", "owner_gone", "timed_out"] {
         metrics::counter!(DECISION_CLAIM_WAITS_TOTAL, "result" => result).absolute(0);

@@ -166,6 +166,7 @@ pub async fn start(
         shutdown,
         systemic: systemic_rx,
         tracker: TaskTracker::new(),
+        job_metrics: Arc::new(m::JobMetrics::register()),
         last_pause_end: None,
         pause_backoff: Duration::from_secs(1),
     };
@@ -201,6 +202,7 @@ struct Supervisor {
     shutdown: CancellationToken,
     systemic: mpsc::UnboundedReceiver<SystemicFailure>,
     tracker: TaskTracker,
+    job_metrics: Arc<m::JobMetrics>,
     last_pause_end: Option<Instant>,
     pause_backoff: Duration,
 }
@@ -220,7 +222,7 @@ impl Supervisor {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Lost(error) => {
                     self.set_connected(false);
-                    self.readiness.consuming.store(false, Ordering::Relaxed);
+                    self.set_consuming(false);
                     if self.shutdown.is_cancelled() {
                         // Lost while draining: the broker requeues what was unacked; jobs
                         // still running finish (or fail to ack) on their own.
@@ -275,6 +277,13 @@ impl Supervisor {
     fn set_connected(&self, connected: bool) {
         self.readiness.connected.store(connected, Ordering::Relaxed);
         metrics::gauge!(m::BROKER_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+    }
+
+    /// Whether a consumer is registered on the jobs queue: for `/readyz` and
+    /// `dialer_consuming` ("connected but not consuming" shows as 1 and 0).
+    fn set_consuming(&self, consuming: bool) {
+        self.readiness.consuming.store(consuming, Ordering::Relaxed);
+        metrics::gauge!(m::CONSUMING).set(if consuming { 1.0 } else { 0.0 });
     }
 
     /// One connection's life: connect, declare, consume until shutdown or failure.
@@ -343,7 +352,7 @@ impl Supervisor {
                     });
                 }
             };
-            self.readiness.consuming.store(true, Ordering::Relaxed);
+            self.set_consuming(true);
             // Cancelled by a job that could not finish on the broker (a closed publishing
             // channel, a deleted queue): consuming on would only cycle jobs through requeues,
             // so the session ends and the reconnect redeclares everything.
@@ -370,7 +379,7 @@ impl Supervisor {
             };
             // Stop taking jobs; what was already delivered still gets a task (it requeues
             // itself on shutdown or systemic failure), so nothing stays unacked forever.
-            self.readiness.consuming.store(false, Ordering::Relaxed);
+            self.set_consuming(false);
             let tag = consumer.tag();
             if let Err(source) = channel
                 .basic_cancel(tag, BasicCancelOptions::default())
@@ -494,29 +503,21 @@ impl Supervisor {
         let pipeline = self.pipeline.clone();
         let topology = self.topology.clone();
         let in_flight = self.liveness.job();
+        let job_metrics = self.job_metrics.clone();
         self.tracker.spawn(async move {
             // Dropped when the task ends, however: the job's end is a move the watchdog sees.
             let _in_flight = in_flight;
             let started = Instant::now();
-            metrics::counter!(m::JOBS_RECEIVED_TOTAL).increment(1);
-            metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
-            if let Some(timestamp) = delivery.properties.timestamp() {
-                let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                let waited = now.saturating_sub(i64::try_from(*timestamp).unwrap_or(now)).max(0);
-                metrics::histogram!(m::QUEUE_WAIT_SECONDS).record(waited as f64);
-            }
-            let step = pipeline.process(incoming(&delivery, &topology));
+            let (job, waited) = incoming(&delivery, &topology);
+            job_metrics.received(waited);
+            let step = pipeline.process(job);
             let verdict = match guarded(step).await {
                 Ok(verdict) => verdict,
                 Err(panic) => after_panic(&pipeline, &delivery, &panic),
             };
-            let label = verdict_label(&verdict);
+            let disposition = disposition(&verdict);
             match apply(&topology, &publisher, &delivery, verdict).await {
-                Ok(()) => {
-                    metrics::counter!(m::JOBS_COMPLETED_TOTAL, "outcome" => label).increment(1);
-                    metrics::histogram!(m::JOB_DURATION_SECONDS, "outcome" => label)
-                        .record(started.elapsed().as_secs_f64());
-                }
+                Ok(()) => job_metrics.finished(disposition, started.elapsed()),
                 Err(error) => {
                     // The decision (if any) is recorded; the broker redelivers the job and
                     // the worker publishes the same decision again.
@@ -528,7 +529,7 @@ impl Supervisor {
                     broken.cancel();
                 }
             }
-            metrics::gauge!(m::JOBS_IN_FLIGHT).decrement(1.0);
+            job_metrics.left();
         });
     }
 }
@@ -540,10 +541,11 @@ enum Stop {
     Broken,
 }
 
-/// The delivery as the pipeline sees it. The dialer's marks (counters, a replay) are believed
-/// only on what came through the internal route, which no CRM can write to; on anything else
-/// they are ignored, so a publisher cannot make a job look like a retry or a replay.
-fn incoming<'a>(delivery: &'a Delivery, topology: &Topology) -> Incoming<'a> {
+/// The delivery as the pipeline sees it, and how long it waited. The dialer's marks (counters,
+/// a replay) are believed only on what came through the internal route, which no CRM can write
+/// to; on anything else they are ignored, so a publisher cannot make a job look like a retry or
+/// a replay.
+fn incoming<'a>(delivery: &'a Delivery, topology: &Topology) -> (Incoming<'a>, m::Waited) {
     let properties = &delivery.properties;
     let exchange = delivery.exchange.as_str();
     let trusted = exchange == topology.internal_exchange;
@@ -554,14 +556,45 @@ fn incoming<'a>(delivery: &'a Delivery, topology: &Topology) -> Incoming<'a> {
         );
     }
     let marks = Marks::read(properties, trusted);
-    Incoming {
+    let arrival = Arrival::of(delivery.redelivered, &marks);
+    let waited = waited(
+        arrival,
+        delivery.redelivered,
+        &marks,
+        properties,
+        headers::now_ms(),
+    );
+    let incoming = Incoming {
         body: &delivery.data,
         message_id: properties.message_id().as_ref().map(|s| s.as_str()),
         correlation_id: properties.correlation_id().as_ref().map(|s| s.as_str()),
         counters: marks.counters.unwrap_or_default(),
-        arrival: Arrival::of(delivery.redelivered, &marks),
+        arrival,
         redelivered: delivery.redelivered,
         exchange,
+    };
+    (incoming, waited)
+}
+
+/// How long a delivery waited, measured once per wait: a first delivery since the job's
+/// creation (`timestamp_in_ms`, else the AMQP `timestamp`); a job back from a delay tier since
+/// the worker sent it there. A broker redelivery or a replay measures nothing: its creation
+/// time counts a wait already recorded (or a dead letter's days in the dead-letter queue).
+fn waited(
+    arrival: Arrival,
+    redelivered: bool,
+    marks: &Marks,
+    properties: &BasicProperties,
+    now_ms: u64,
+) -> m::Waited {
+    let since = |start_ms: u64| Duration::from_millis(now_ms.saturating_sub(start_ms));
+    match (arrival, marks.delayed_at_ms) {
+        (Arrival::New, _) => headers::created_at_ms(properties)
+            .map_or(m::Waited::Unmeasured, |created| {
+                m::Waited::InQueue(since(created))
+            }),
+        (Arrival::Retry, Some(delayed_at)) if !redelivered => m::Waited::InDelay(since(delayed_at)),
+        _ => m::Waited::Unmeasured,
     }
 }
 
@@ -632,12 +665,12 @@ fn after_panic(pipeline: &Pipeline, delivery: &Delivery, panic: &str) -> Verdict
     }
 }
 
-/// Metric label of a verdict: the outcome, or what happened instead.
-fn verdict_label(verdict: &Verdict) -> &'static str {
+/// What a verdict does with the job, for the metrics: ends it, or defers it.
+fn disposition(verdict: &Verdict) -> m::Disposition {
     match verdict {
-        Verdict::Publish { event, .. } => event.outcome.as_str(),
-        Verdict::Delay { .. } => "delayed",
-        Verdict::Requeue { .. } => "requeued",
+        Verdict::Publish { event, .. } => m::Disposition::Ended(event.outcome),
+        Verdict::Delay { .. } => m::Disposition::Delayed,
+        Verdict::Requeue { .. } => m::Disposition::Requeued,
     }
 }
 
@@ -711,7 +744,7 @@ async fn apply(
                     "",
                     queue,
                     &delivery.data,
-                    headers::delayed(&delivery.properties, counters),
+                    headers::delayed(&delivery.properties, counters, headers::now_ms()),
                     true,
                 )
                 .await?;
@@ -862,16 +895,16 @@ mod tests {
         let topology = Topology::new("p", QueueType::Quorum);
         for exchange in ["p.jobs", "", "amq.direct"] {
             let forged = delivery(exchange, false);
-            let seen = incoming(&forged, &topology);
+            let (seen, _) = incoming(&forged, &topology);
             assert_eq!(seen.arrival, Arrival::New, "{exchange:?}");
             assert_eq!(seen.counters, Counters::default(), "{exchange:?}");
             assert_eq!(seen.message_id, Some("m-1"));
             // The broker's redelivered flag cannot be forged: it still counts.
             let redelivered = delivery(exchange, true);
-            assert_eq!(incoming(&redelivered, &topology).arrival, Arrival::Retry);
+            assert_eq!(incoming(&redelivered, &topology).0.arrival, Arrival::Retry);
         }
         let ours = delivery("p.internal", false);
-        let seen = incoming(&ours, &topology);
+        let (seen, _) = incoming(&ours, &topology);
         assert_eq!(
             seen.arrival,
             Arrival::Retry,
@@ -881,6 +914,60 @@ mod tests {
         assert!(
             seen.counters.attempts < u32::MAX / 2,
             "capped: adding cannot wrap"
+        );
+    }
+
+    #[test]
+    fn a_wait_is_measured_on_a_first_delivery_or_back_from_a_delay_tier_only() {
+        let now = 1_700_000_010_000;
+        let mut table = FieldTable::default();
+        table.insert(
+            headers::TIMESTAMP_IN_MS.into(),
+            AMQPValue::LongLongInt(1_700_000_008_750),
+        );
+        // The AMQP timestamp says 10 s; the millisecond header, 1.25 s, wins.
+        let created = BasicProperties::default()
+            .with_timestamp(1_700_000_000)
+            .with_headers(table);
+        let none = Marks::default();
+        let delayed = Marks {
+            delayed_at_ms: Some(1_700_000_004_000),
+            ..Marks::default()
+        };
+        let wait = |arrival, redelivered, marks: &Marks| {
+            waited(arrival, redelivered, marks, &created, now)
+        };
+        assert_eq!(
+            wait(Arrival::New, false, &none),
+            m::Waited::InQueue(Duration::from_millis(1250))
+        );
+        assert_eq!(
+            waited(
+                Arrival::New,
+                false,
+                &none,
+                &BasicProperties::default().with_timestamp(1_700_000_000),
+                now
+            ),
+            m::Waited::InQueue(Duration::from_secs(10)),
+            "seconds when no header"
+        );
+        assert_eq!(
+            waited(Arrival::New, false, &none, &BasicProperties::default(), now),
+            m::Waited::Unmeasured
+        );
+        assert_eq!(
+            wait(Arrival::Retry, false, &delayed),
+            m::Waited::InDelay(Duration::from_secs(6))
+        );
+        // Redelivered by the broker (with or without a delay mark), replayed: not measured.
+        assert_eq!(wait(Arrival::Retry, true, &none), m::Waited::Unmeasured);
+        assert_eq!(wait(Arrival::Retry, true, &delayed), m::Waited::Unmeasured);
+        assert_eq!(wait(Arrival::Replay, false, &none), m::Waited::Unmeasured);
+        // A clock behind the publisher's: zero, not a negative wait.
+        assert_eq!(
+            waited(Arrival::New, false, &none, &created, 1_700_000_000_000),
+            m::Waited::InQueue(Duration::ZERO)
         );
     }
 

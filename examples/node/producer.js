@@ -23,6 +23,7 @@ async function main() {
     messageId: jobId,
     correlationId: `crm-${jobId}`,
     timestamp: Math.floor(Date.now() / 1000),
+    headers: { timestamp_in_ms: Date.now() }, // creation time in ms: the queue-wait metric starts here
     mandatory: true,
   });
   await channel.waitForConfirms(); // rejects if the broker nacked

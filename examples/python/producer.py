@@ -34,6 +34,8 @@ try:
             message_id=job_id,
             correlation_id=f"crm-{job_id}",
             timestamp=int(time.time()),
+            # Creation time in ms: the worker measures the queue wait from it.
+            headers={"timestamp_in_ms": int(time.time() * 1000)},
         ),
         mandatory=True,  # no queue bound (wrong prefix?) is an error, not a silent drop
     )

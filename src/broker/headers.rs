@@ -30,6 +30,15 @@ pub const ERROR_KIND: &str = "x-dialer-error-kind";
 pub const ERROR: &str = "x-dialer-error";
 /// Dead letters: when, RFC 3339.
 pub const DEAD_LETTERED_AT: &str = "x-dialer-dead-lettered-at";
+/// On delayed jobs: when the worker sent the job to its delay tier, milliseconds since the
+/// Unix epoch (the start of `dialer_retry_wait_seconds`).
+pub const DELAYED_AT_MS: &str = "x-dialer-delayed-at-ms";
+
+/// The job's creation time in milliseconds since the Unix epoch, set by the publisher (or by
+/// RabbitMQ's timestamp interceptor, `message_interceptors.incoming.set_header_timestamp`,
+/// which writes the same header): the start of `dialer_queue_wait_seconds` at millisecond
+/// resolution, where the AMQP `timestamp` property has whole seconds only.
+pub const TIMESTAMP_IN_MS: &str = "timestamp_in_ms";
 
 /// Counters larger than this are read as this: the worker's own never come near it (a job ends
 /// after a handful of attempts), and it leaves room to add to them without overflowing.
@@ -51,6 +60,8 @@ pub struct Marks {
     pub counters: Option<Counters>,
     /// When a person replayed it from the dead-letter queue.
     pub replayed_at: Option<String>,
+    /// When the worker sent it to a delay tier, milliseconds since the Unix epoch.
+    pub delayed_at_ms: Option<u64>,
 }
 
 impl Marks {
@@ -68,6 +79,7 @@ impl Marks {
         Self {
             counters,
             replayed_at: header_str(properties, REPLAYED_AT),
+            delayed_at_ms: header_u64(properties, DELAYED_AT_MS),
         }
     }
 
@@ -133,15 +145,36 @@ impl DeadLetter {
     }
 }
 
-/// Properties of a job sent through a delay tier: the original ones with our counters.
-pub fn delayed(original: &BasicProperties, counters: Counters) -> BasicProperties {
+/// Properties of a job sent through a delay tier at `at_ms` (milliseconds since the Unix
+/// epoch): the original ones with our counters and the time.
+pub fn delayed(original: &BasicProperties, counters: Counters, at_ms: u64) -> BasicProperties {
     with_marks(
         original,
         vec![
             (ATTEMPTS, AMQPValue::LongLongInt(counters.attempts.into())),
             (TRIES, AMQPValue::LongLongInt(counters.tries.into())),
+            (
+                DELAYED_AT_MS,
+                AMQPValue::LongLongInt(i64::try_from(at_ms).unwrap_or(i64::MAX)),
+            ),
         ],
     )
+}
+
+/// When the job was created, in milliseconds since the Unix epoch: the [`TIMESTAMP_IN_MS`]
+/// header when it holds a number, else the AMQP `timestamp` property (whole seconds).
+pub fn created_at_ms(properties: &BasicProperties) -> Option<u64> {
+    header_u64(properties, TIMESTAMP_IN_MS).or_else(|| {
+        properties
+            .timestamp()
+            .and_then(|seconds| seconds.checked_mul(1000))
+    })
+}
+
+/// Now, in milliseconds since the Unix epoch, as [`TIMESTAMP_IN_MS`] and [`DELAYED_AT_MS`]
+/// carry it.
+pub fn now_ms() -> u64 {
+    u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
 /// Properties of a replayed dead letter: the worker's headers go (a replayed job starts
@@ -174,8 +207,18 @@ fn with_marks(properties: &BasicProperties, marks: Vec<(&str, AMQPValue)>) -> Ba
     properties.clone().with_headers(headers)
 }
 
-/// Reads an integer header (any AMQP integer type, or digits in a string).
+/// Reads a non-negative integer header that fits 32 bits; see [`header_int`].
 fn header_u32(properties: &BasicProperties, name: &str) -> Option<u32> {
+    u32::try_from(header_int(properties, name)?).ok()
+}
+
+/// Reads a non-negative integer header that fits 64 bits; see [`header_int`].
+fn header_u64(properties: &BasicProperties, name: &str) -> Option<u64> {
+    u64::try_from(header_int(properties, name)?).ok()
+}
+
+/// Reads an integer header (any AMQP integer type, or digits in a string).
+fn header_int(properties: &BasicProperties, name: &str) -> Option<i128> {
     let headers = properties.headers().as_ref()?;
     let value = headers.inner().get(name)?;
     let number: i128 = match value {
@@ -195,7 +238,7 @@ fn header_u32(properties: &BasicProperties, name: &str) -> Option<u32> {
         AMQPValue::ShortString(s) => s.as_str().trim().parse().ok()?,
         _ => return None,
     };
-    u32::try_from(number).ok()
+    Some(number)
 }
 
 /// Reads a string header.
@@ -267,6 +310,33 @@ mod tests {
     }
 
     #[test]
+    fn the_creation_time_prefers_the_millisecond_header() {
+        let seconds = BasicProperties::default().with_timestamp(1_700_000_000);
+        assert_eq!(created_at_ms(&seconds), Some(1_700_000_000_000));
+        for value in [
+            AMQPValue::LongLongInt(1_700_000_000_123),
+            AMQPValue::Timestamp(1_700_000_000_123),
+            text("1700000000123"),
+        ] {
+            let mut table = FieldTable::default();
+            table.insert(TIMESTAMP_IN_MS.into(), value.clone());
+            let both = seconds.clone().with_headers(table);
+            assert_eq!(created_at_ms(&both), Some(1_700_000_000_123), "{value:?}");
+        }
+        // Unreadable or negative: the AMQP timestamp still counts; neither: unknown.
+        let bad = with(vec![(TIMESTAMP_IN_MS, AMQPValue::LongLongInt(-5))]);
+        assert_eq!(created_at_ms(&bad), None);
+        assert_eq!(
+            created_at_ms(&bad.with_timestamp(2)),
+            Some(2000),
+            "falls back to the property"
+        );
+        assert_eq!(created_at_ms(&BasicProperties::default()), None);
+        let now = now_ms();
+        assert!(now > 1_700_000_000_000 && now < 4_000_000_000_000, "{now}");
+    }
+
+    #[test]
     fn our_headers_replace_the_senders_and_others_are_kept() {
         let original = with(vec![
             ("crm", text("keep me")),
@@ -279,7 +349,13 @@ mod tests {
                 attempts: 2,
                 tries: 1,
             },
+            1_700_000_000_123,
         );
+        assert_eq!(
+            Marks::read(&delayed, true).delayed_at_ms,
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(Marks::read(&delayed, false).delayed_at_ms, None);
         assert_eq!(header_str(&delayed, "crm").as_deref(), Some("keep me"));
         assert_eq!(header_str(&delayed, REPLAYED_AT), None);
         assert_eq!(

@@ -229,6 +229,11 @@ impl DecisionStore {
         database_url: Option<&Secret>,
         read_only: bool,
     ) -> Result<Self, StoreError> {
+        // Every operation's error series exists from the start, so the first failure is an
+        // increase Prometheus can see (and the dashboard shows 0, not "no data").
+        for op in OPERATIONS {
+            metrics::counter!(m::DECISION_STORE_ERRORS_TOTAL, "op" => op).increment(0);
+        }
         match kind {
             DecisionStoreKind::File if read_only => {
                 SqliteStore::open_read_only(state_dir).map(Self::Sqlite)
@@ -430,6 +435,21 @@ impl fmt::Debug for DecisionStore {
     }
 }
 
+/// The `op` label values of `dialer_decision_store_errors_total`: every operation [`counted`].
+const OPERATIONS: [&str; 11] = [
+    "claim",
+    "decide",
+    "end_lease",
+    "forget_decision",
+    "get",
+    "heartbeat",
+    "list_unknown",
+    "owner_alive",
+    "prune",
+    "release",
+    "set_waiting",
+];
+
 /// Counts a failed operation (`dialer_decision_store_errors_total{op}`) and marks the store down;
 /// the next successful heartbeat marks it up again.
 fn counted<T>(op: &'static str, result: Result<T, StoreError>) -> Result<T, StoreError> {
@@ -473,5 +493,26 @@ fn parse_state(
         ("claimed", None, _) => Err(corrupt("claimed without an owner".into())),
         ("decided", _, None) => Err(corrupt("decided without an event".into())),
         (other, _, _) => Err(corrupt(format!("unknown state {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod operation_tests {
+    #[test]
+    fn every_counted_operation_is_listed() {
+        let source = include_str!("mod.rs");
+        let mut counted: Vec<&str> = source
+            .split("counted(")
+            .skip(1)
+            .filter_map(|call| call.trim_start().strip_prefix('"')?.split('"').next())
+            .filter(|op| !op.is_empty() && op.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .collect();
+        counted.sort_unstable();
+        counted.dedup();
+        assert_eq!(
+            counted,
+            super::OPERATIONS,
+            "OPERATIONS must list every counted op"
+        );
     }
 }

@@ -508,16 +508,8 @@ impl PostgresStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        self.timed(op, async {
-            let client = self.pool.get().await.map_err(|e| self.pool_error(op, &e))?;
-            let statement = client
-                .prepare_cached(sql)
-                .await
-                .map_err(|e| self.error(op, &e))?;
-            client
-                .query(&statement, params)
-                .await
-                .map_err(|e| self.error(op, &e))
+        self.prepared(op, sql, async |client, statement| {
+            client.query(statement, params).await
         })
         .await
     }
@@ -528,14 +520,30 @@ impl PostgresStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<u64, StoreError> {
+        self.prepared(op, sql, async |client, statement| {
+            client.execute(statement, params).await
+        })
+        .await
+    }
+
+    /// Runs `sql`, prepared once per pooled connection, through `send`, within the operation's
+    /// time bound; every failure is named after `op`.
+    async fn prepared<T>(
+        &self,
+        op: &'static str,
+        sql: &str,
+        send: impl AsyncFnOnce(
+            &tokio_postgres::Client,
+            &tokio_postgres::Statement,
+        ) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, StoreError> {
         self.timed(op, async {
             let client = self.pool.get().await.map_err(|e| self.pool_error(op, &e))?;
             let statement = client
                 .prepare_cached(sql)
                 .await
                 .map_err(|e| self.error(op, &e))?;
-            client
-                .execute(&statement, params)
+            send(&client, &statement)
                 .await
                 .map_err(|e| self.error(op, &e))
         })

@@ -48,6 +48,12 @@ pub struct CircuitBreaker {
 
 impl Default for CircuitBreaker {
     fn default() -> Self {
+        // The series exist from the start (at zero, or as they are: another breaker of this
+        // process may have counted already), so the first opening is an increase Prometheus
+        // can see and the dashboard shows 0 rather than no data.
+        for reason in [OpenReason::Outage, OpenReason::RateLimited] {
+            metrics::counter!(m::CIRCUIT_OPENED_TOTAL, "reason" => reason.label()).increment(0);
+        }
         Self {
             failures: AtomicU32::new(0),
             open: watch::Sender::new(None),

@@ -588,11 +588,38 @@ fn status_label(status: u16) -> &'static str {
         503 => "503",
         504 => "504",
         307 => "307",
+        // Any other status by its class; what is in no class (a 1xx as a final answer, 600
+        // and above) is `other`, never counted as a server error.
         _ => match status / 100 {
+            1 => "1xx",
             2 => "2xx",
             3 => "3xx",
             4 => "4xx",
-            _ => "5xx",
+            5 => "5xx",
+            _ => "other",
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::status_label;
+
+    #[test]
+    fn a_status_label_is_the_code_or_its_true_class() {
+        for (status, label) in [
+            (200, "200"),
+            (503, "503"),
+            (307, "307"),
+            (203, "2xx"),
+            (308, "3xx"),
+            (418, "4xx"),
+            (599, "5xx"),
+            (103, "1xx"),
+            (600, "other"),
+            (999, "other"),
+        ] {
+            assert_eq!(status_label(status), label, "{status}");
+        }
     }
 }

@@ -129,6 +129,16 @@ impl RateGate {
             waiting: AtomicUsize::new(0),
         };
         metrics::gauge!(m::RATE_LIMIT_CONFIGURED).set(limits.budget);
+        if gate.fleet.is_some() {
+            // A fleet gate can switch: the series exist from the start, so the first switch is
+            // an increase Prometheus can see and the dashboard shows 0 rather than no data.
+            for to in RateMode::ALL
+                .into_iter()
+                .filter(|m| *m != RateMode::Process)
+            {
+                metrics::counter!(m::RATE_MODE_SWITCHES_TOTAL, "to" => to.as_str()).increment(0);
+            }
+        }
         for each in RateMode::ALL {
             metrics::gauge!(m::RATE_MODE, "mode" => each.as_str()).set(if each == mode {
                 1.0

@@ -315,9 +315,9 @@ async fn no_request_reaches_genesys_after_a_jobs_expires_at() {
 
 #[tokio::test]
 async fn a_genesys_outage_pauses_dialling_and_the_queue_survives_it() {
-    // The issue asks for a 60 s outage; 15 s has the same semantics here (the breaker opens
-    // within the first wave, probes back off to 10 s), and keeps the suite short.
-    const OUTAGE: Duration = Duration::from_secs(15);
+    // A minute of outage: long enough for the probes to reach their longest backoff several
+    // times over, so jobs that kept being tried would have burnt every attempt by the end.
+    const OUTAGE: Duration = Duration::from_secs(60);
     const JOBS: usize = 40;
     let app = spawn_app(
         |_| {},
