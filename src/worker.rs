@@ -479,7 +479,10 @@ impl Supervisor {
                 let waited = now.saturating_sub(i64::try_from(*timestamp).unwrap_or(now)).max(0);
                 metrics::histogram!(m::QUEUE_WAIT_SECONDS).record(waited as f64);
             }
-            let step = pipeline.process(incoming(&delivery, &topology));
+            // Boxed: the step's future is about 6 KiB, and this task's own future is copied
+            // when it is spawned and again when its stage changes; inline, those copies and
+            // their allocation showed in the throughput profile (bench (2)).
+            let step = Box::pin(pipeline.process(incoming(&delivery, &topology)));
             let verdict = match guarded(step).await {
                 Ok(verdict) => verdict,
                 Err(panic) => after_panic(&pipeline, &delivery, &panic),
