@@ -479,7 +479,7 @@ impl Supervisor {
                 let waited = now.saturating_sub(i64::try_from(*timestamp).unwrap_or(now)).max(0);
                 metrics::histogram!(m::QUEUE_WAIT_SECONDS).record(waited as f64);
             }
-            // Boxed: the step's future is a few KiB (3.4 in a release build), and this task's
+            // Boxed: the step's future is a few KiB (under 4 in a release build), and this task's
             // own future is copied when it is spawned and again when its stage changes;
             // inline, those copies and their allocation showed in the throughput profile
             // (bench (2)) and in the peak memory with 1,000 jobs in flight (bench (6)).
