@@ -23,7 +23,15 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
 cargo +nightly build --release --bins --target x86_64-unknown-linux-gnu
 mkdir -p artifacts
+# libFuzzer reports every new input it keeps (thousands of lines): its output goes to a log beside
+# the artifacts, and only its summary (or, on a finding, the end of the log) is printed.
 for target in "${targets[@]}"; do
-  "target/x86_64-unknown-linux-gnu/release/$target" "corpus/$target" \
-    -artifact_prefix="artifacts/" -max_total_time="$seconds" -rss_limit_mb=2048
+  log="artifacts/$target.log"
+  if ! "target/x86_64-unknown-linux-gnu/release/$target" "corpus/$target" \
+    -artifact_prefix="artifacts/" -max_total_time="$seconds" -rss_limit_mb=2048 >"$log" 2>&1; then
+    echo "fuzz target $target FAILED (fuzz/$log):" >&2
+    tail -n 60 "$log" >&2
+    exit 1
+  fi
+  echo "fuzz target $target: $(grep -E '^Done ' "$log" | tail -n 1), $(grep -oE 'cov: [0-9]+' "$log" | tail -n 1), no crash (log: fuzz/$log)"
 done
