@@ -289,9 +289,7 @@ async fn sigkill_of_one_of_three_workers_rings_nobody_twice_and_its_calls_end_un
     let dead = peek_job_ids(&app, &app.topology.dead_letter_queue).await;
     assert_eq!(dead.into_iter().collect::<BTreeSet<_>>(), unknown);
     assert_eq!(app.depth(&app.topology.jobs_queue).await, 0);
-    let state_dir = app.settings.state_dir.clone();
     app.cleanup().await;
-    let _ = std::fs::remove_dir_all(state_dir);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -340,9 +338,7 @@ async fn a_closed_broker_connection_hands_its_jobs_over_with_their_original_deci
         "nothing needs to end `unknown`: {unknown:?}"
     );
     assert_eq!(app.depth(&app.topology.dead_letter_queue).await, 0);
-    let state_dir = app.settings.state_dir.clone();
     app.cleanup().await;
-    let _ = std::fs::remove_dir_all(state_dir);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -425,9 +421,7 @@ async fn postgres_cut_under_load_pauses_the_fleet_and_it_resumes_by_itself() {
     }
     assert_eq!(app.depth(&app.topology.jobs_queue).await, 0);
     assert_eq!(app.depth(&app.topology.dead_letter_queue).await, 0);
-    let state_dir = app.settings.state_dir.clone();
     app.cleanup().await;
-    let _ = std::fs::remove_dir_all(state_dir);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -599,10 +593,8 @@ async fn a_store_file_deleted_under_the_worker_is_detected_and_it_stops_being_re
         1,
         "the job waits in the queue"
     );
-    let state_dir = app.settings.state_dir.clone();
     app.stop_worker().await;
     app.cleanup().await;
-    let _ = std::fs::remove_dir_all(state_dir);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -627,7 +619,5 @@ async fn a_worker_started_before_its_database_answers_waits_not_ready_then_consu
     let events = app.result_events(1, WAIT).await;
     assert_eq!(events[0].outcome, Outcome::Placed);
     stop_all(vec![worker]).await;
-    let state_dir = app.settings.state_dir.clone();
     app.cleanup().await;
-    let _ = std::fs::remove_dir_all(state_dir);
 }

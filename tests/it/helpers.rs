@@ -376,6 +376,9 @@ impl TestApp {
             .expect("the test's queues and exchanges are deleted");
         let _ = self.connection.close(200, "done".into()).await;
         self.sim.shutdown().await;
+        // Each test's state directory is its own (a fresh name); a test on the memory store
+        // never creates it.
+        let _ = std::fs::remove_dir_all(&self.settings.state_dir);
     }
 }
 

@@ -129,9 +129,7 @@ async fn sigterm_mid_load_exits_0_and_every_job_is_placed_once_or_back_in_the_qu
     }
     assert_dialled_at_most_once(&app.sim);
     assert_eq!(calls_by_job(&app.sim).len(), N, "every job dialled, once");
-    let state_dir = app.settings.state_dir.clone();
     app.cleanup().await;
-    let _ = std::fs::remove_dir_all(state_dir);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,9 +191,7 @@ async fn sigkill_mid_call_then_restart_on_the_same_state_dir_rings_nobody_twice(
     let dead = peek_job_ids(&app, &app.topology.dead_letter_queue).await;
     assert_eq!(dead.into_iter().collect::<BTreeSet<_>>(), unknown);
     assert_eq!(app.depth(&app.topology.jobs_queue).await, 0);
-    let state_dir = app.settings.state_dir.clone();
     app.cleanup().await;
-    let _ = std::fs::remove_dir_all(state_dir);
 }
 
 // ---------------------------------------------------------------------------------------------
