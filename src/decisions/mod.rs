@@ -478,6 +478,17 @@ fn outcome_of(event: &[u8]) -> Option<String> {
         .map(|o| o.outcome)
 }
 
+/// Milliseconds since the Unix epoch: how both backends store and compare times.
+fn unix_ms(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+/// The time a stored millisecond count stands for (the epoch for one out of range).
+fn from_unix_ms(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
 /// Checks a stored row against the states a job can be in.
 fn parse_state(
     store: &str,

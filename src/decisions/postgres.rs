@@ -19,7 +19,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use tokio_postgres::{Config, NoTls, Row};
 
-use super::{ClaimResult, JobState, LEASE_FOR, StoreError, StoredRecord, parse_state};
+use super::{
+    ClaimResult, JobState, LEASE_FOR, StoreError, StoredRecord, from_unix_ms, parse_state, unix_ms,
+};
 use crate::config::{Secret, redact_url};
 
 /// The schema this build writes. A database holding a higher number was migrated by a newer
@@ -416,7 +418,7 @@ impl PostgresStore {
         since: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        let since_ms = i64::try_from(since.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let since_ms = unix_ms(since);
         let rows = self
             .query(
                 "list_unknown",
@@ -603,10 +605,7 @@ impl PostgresStore {
         Ok(StoredRecord {
             job_id: job_id.to_owned(),
             state,
-            updated_at: OffsetDateTime::from_unix_timestamp_nanos(
-                i128::from(updated_ms) * 1_000_000,
-            )
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            updated_at: from_unix_ms(updated_ms),
         })
     }
 }

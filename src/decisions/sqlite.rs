@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use time::OffsetDateTime;
 
-use super::{ClaimResult, JobState, StoreError, StoredRecord, parse_state};
+use super::{ClaimResult, JobState, StoreError, StoredRecord, from_unix_ms, parse_state, unix_ms};
 
 /// Name of the database file inside the state directory.
 pub(super) const DB_FILE: &str = "decisions.sqlite3";
@@ -279,7 +279,7 @@ impl SqliteStore {
         since: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        let since = i64::try_from(since.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let since = unix_ms(since);
         let rows = self
             .run("list_unknown", move |conn| {
                 let mut statement = conn.prepare_cached(
@@ -393,9 +393,7 @@ impl SqliteStore {
         (state, owner, event, updated_at): RawRow,
     ) -> Result<StoredRecord, StoreError> {
         let state = parse_state(&self.describe(), job_id, &state, owner, event)?;
-        let updated_at =
-            OffsetDateTime::from_unix_timestamp_nanos(i128::from(updated_at) * 1_000_000)
-                .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let updated_at = from_unix_ms(updated_at);
         Ok(StoredRecord {
             job_id: job_id.to_owned(),
             state,
