@@ -3,11 +3,12 @@
 //! worker died mid-call is recognised (see "Decisions are durable" in `docs/jobs-and-events.md`
 //! and `docs/decisions.md`).
 //!
-//! One interface, [`DecisionStore`], over two backends that each write every operation once:
-//! SQLite ([`sqlite`]: the embedded `file` store, and `memory` as SQLite `:memory:`) and
-//! PostgreSQL ([`postgres`]: shared by a fleet of replicas). Every backend passes the same
+//! One interface, [`DecisionStore`], over three backends that each write every operation once:
+//! SQLite ([`sqlite`]: the embedded `file` store), PostgreSQL ([`postgres`]: shared by a fleet
+//! of replicas) and a map ([`memory`]: tests and benchmarks). Every backend passes the same
 //! claim-semantics suite (`suite.rs`), so they cannot drift apart.
 
+mod memory;
 mod postgres;
 mod sqlite;
 #[cfg(test)]
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+pub use memory::MemoryStore;
 pub use postgres::{PostgresSettings, PostgresStore, check_url as check_postgres_url};
 pub use sqlite::SqliteStore;
 
@@ -193,24 +195,27 @@ impl StoreError {
 
 /// Claims, waiting marks and decisions, keyed by job id.
 ///
-/// An enum over the two backends rather than a trait object: both are known here, and each
+/// An enum over the three backends rather than a trait object: all are known here, and each
 /// arm below is one line, so each operation's meaning is written once per backend.
 ///
 /// The PostgreSQL arms box their futures: a pooled connection's query futures are about 4 KiB,
 /// and inline they would make every operation's future (and so every job's, which holds
 /// several) that large whichever store is configured, while the SQLite ones are small. A box
-/// per operation is nothing beside a round trip to the database.
+/// per operation is nothing beside a round trip to the database. The memory store's
+/// operations are plain calls: nothing in them waits.
 pub enum DecisionStore {
-    /// The embedded store (`file`), or SQLite in memory (`memory`).
+    /// The embedded store (`file`).
     Sqlite(SqliteStore),
+    /// A map in this process (`memory`).
+    Memory(MemoryStore),
     /// PostgreSQL, shared by a fleet.
     Postgres(PostgresStore),
 }
 
 impl DecisionStore {
-    /// A store that forgets everything on exit (SQLite `:memory:`): for tests and benchmarks only.
+    /// A store that forgets everything on exit: for tests and benchmarks only.
     pub fn memory() -> Self {
-        Self::Sqlite(SqliteStore::memory())
+        Self::Memory(MemoryStore::default())
     }
 
     /// Opens (creating if needed) the embedded store in `state_dir`; see [`SqliteStore::open`].
@@ -260,6 +265,20 @@ impl DecisionStore {
         }
     }
 
+    /// Claims a job the store has no record of, for a new message: any record (a claim, a
+    /// waiting mark, a decision) makes that message a duplicate, so whether it claimed is all
+    /// the caller needs. One write, where reading the record and then claiming took two.
+    pub async fn claim_new(&self, job_id: &str, owner: &str) -> Result<bool, StoreError> {
+        counted(
+            "claim_new",
+            match self {
+                Self::Sqlite(s) => s.claim_new(job_id, owner).await,
+                Self::Memory(s) => Ok(s.claim_new(job_id, owner)),
+                Self::Postgres(s) => Box::pin(s.claim_new(job_id, owner)).await,
+            },
+        )
+    }
+
     /// Atomically: claims when the job is unknown or Waiting; otherwise returns the existing
     /// state unchanged.
     pub async fn try_claim(&self, job_id: &str, owner: &str) -> Result<ClaimResult, StoreError> {
@@ -267,6 +286,7 @@ impl DecisionStore {
             "claim",
             match self {
                 Self::Sqlite(s) => s.try_claim(job_id, owner).await,
+                Self::Memory(s) => Ok(s.try_claim(job_id, owner)),
                 Self::Postgres(s) => Box::pin(s.try_claim(job_id, owner)).await,
             },
         )
@@ -281,6 +301,7 @@ impl DecisionStore {
             "decide",
             match self {
                 Self::Sqlite(s) => s.decide(job_id, event, outcome.as_deref()).await,
+                Self::Memory(s) => Ok(s.decide(job_id, event, outcome.as_deref())),
                 Self::Postgres(s) => Box::pin(s.decide(job_id, event, outcome.as_deref())).await,
             },
         )
@@ -292,6 +313,7 @@ impl DecisionStore {
             "set_waiting",
             match self {
                 Self::Sqlite(s) => s.set_waiting(job_id, owner).await,
+                Self::Memory(s) => Ok(s.set_waiting(job_id, owner)),
                 Self::Postgres(s) => Box::pin(s.set_waiting(job_id, owner)).await,
             },
         )?;
@@ -314,6 +336,7 @@ impl DecisionStore {
             "release",
             match self {
                 Self::Sqlite(s) => s.release(job_id, owner).await,
+                Self::Memory(s) => Ok(s.release(job_id, owner)),
                 Self::Postgres(s) => Box::pin(s.release(job_id, owner)).await,
             },
         )?;
@@ -335,6 +358,7 @@ impl DecisionStore {
             "forget_decision",
             match self {
                 Self::Sqlite(s) => s.forget_decision(job_id).await,
+                Self::Memory(s) => Ok(s.forget_decision(job_id)),
                 Self::Postgres(s) => Box::pin(s.forget_decision(job_id)).await,
             },
         )
@@ -351,6 +375,7 @@ impl DecisionStore {
             "get",
             match self {
                 Self::Sqlite(s) => s.record(job_id).await,
+                Self::Memory(s) => Ok(s.record(job_id)),
                 Self::Postgres(s) => Box::pin(s.record(job_id)).await,
             },
         )
@@ -366,6 +391,7 @@ impl DecisionStore {
             "list_unknown",
             match self {
                 Self::Sqlite(s) => s.unknown_since(since, limit).await,
+                Self::Memory(s) => Ok(s.unknown_since(since, limit)),
                 Self::Postgres(s) => Box::pin(s.unknown_since(since, limit)).await,
             },
         )
@@ -378,13 +404,15 @@ impl DecisionStore {
             "prune",
             match self {
                 Self::Sqlite(s) => s.prune(older_than).await,
+                Self::Memory(s) => Ok(s.prune(older_than)),
                 Self::Postgres(s) => Box::pin(s.prune(older_than)).await,
             },
         )
     }
 
     /// Whether the claim owner `owner` is still alive. `me` is the asking process's own owner
-    /// id: a file store has one process, so only `me` is alive; PostgreSQL reads the lease.
+    /// id: a file or memory store has one process, so only `me` is alive; PostgreSQL reads the
+    /// lease.
     pub async fn owner_alive(&self, owner: &str, me: &str) -> Result<bool, StoreError> {
         if owner == me {
             return Ok(true);
@@ -392,7 +420,7 @@ impl DecisionStore {
         counted(
             "owner_alive",
             match self {
-                Self::Sqlite(_) => Ok(false),
+                Self::Sqlite(_) | Self::Memory(_) => Ok(false),
                 Self::Postgres(s) => Box::pin(s.owner_alive(owner)).await,
             },
         )
@@ -405,6 +433,7 @@ impl DecisionStore {
             "heartbeat",
             match self {
                 Self::Sqlite(s) => s.ping().await,
+                Self::Memory(_) => Ok(()),
                 Self::Postgres(s) => Box::pin(s.renew_lease(owner)).await,
             },
         );
@@ -417,7 +446,7 @@ impl DecisionStore {
     /// Gives up `owner`'s lease on a clean stop, so other replicas need not wait it out.
     pub async fn end_lease(&self, owner: &str) -> Result<(), StoreError> {
         match self {
-            Self::Sqlite(_) => Ok(()),
+            Self::Sqlite(_) | Self::Memory(_) => Ok(()),
             Self::Postgres(s) => counted("end_lease", Box::pin(s.end_lease(owner)).await),
         }
     }
@@ -427,6 +456,7 @@ impl DecisionStore {
     pub fn describe(&self) -> String {
         match self {
             Self::Sqlite(s) => s.describe(),
+            Self::Memory(_) => "memory".to_owned(),
             Self::Postgres(s) => s.describe(),
         }
     }
@@ -441,8 +471,9 @@ impl fmt::Debug for DecisionStore {
 }
 
 /// The `op` label values of `dialer_decision_store_errors_total`: every operation [`counted`].
-const OPERATIONS: [&str; 11] = [
+const OPERATIONS: [&str; 12] = [
     "claim",
+    "claim_new",
     "decide",
     "end_lease",
     "forget_decision",

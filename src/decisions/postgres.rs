@@ -317,6 +317,20 @@ impl PostgresStore {
         Ok(())
     }
 
+    pub(super) async fn claim_new(&self, job_id: &str, owner: &str) -> Result<bool, StoreError> {
+        // A row inserted concurrently by another replica makes this one wait for its commit,
+        // then do nothing: one of them claims.
+        self.execute(
+            "claim_new",
+            "INSERT INTO dialer_decisions (job_id, state, owner, event, outcome, updated_at)
+             VALUES ($1, 'claimed', $2, NULL, NULL, now())
+             ON CONFLICT (job_id) DO NOTHING",
+            &[&job_id, &owner],
+        )
+        .await
+        .map(|inserted| inserted == 1)
+    }
+
     pub(super) async fn try_claim(
         &self,
         job_id: &str,

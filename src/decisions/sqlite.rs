@@ -1,5 +1,4 @@
-//! The SQLite backend: the embedded, crash-safe `file` store under `DIALER_STATE_DIR`, and the
-//! `memory` store (SQLite `:memory:`, for tests and benchmarks), one code path for both.
+//! The SQLite backend: the embedded, crash-safe `file` store under `DIALER_STATE_DIR`.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -27,7 +26,7 @@ pub(super) const PRUNE_BATCH: i64 = 1000;
 
 /// The check on `state` is written as comparisons, not `state IN (...)`: SQLite builds a
 /// temporary index for an `IN` list every time it checks a row, which was about a third of the
-/// cost of a claim or a decision with the `:memory:` store. Both forms accept the same rows, so a
+/// CPU cost of a claim or a decision. Both forms accept the same rows, so a
 /// file created with the `IN` form by an earlier build needs no migration.
 const SCHEMA_V1: &str = "
     CREATE TABLE IF NOT EXISTS decisions (
@@ -53,7 +52,7 @@ const MIGRATE_V2: &str = "
 /// A row as stored, before it is checked.
 type RawRow = (String, Option<String>, Option<Vec<u8>>, i64);
 
-/// The SQLite store: a file (exclusively locked) or an in-memory database.
+/// The SQLite store: one file, exclusively locked by the worker that writes it.
 pub struct SqliteStore {
     inner: Arc<Inner>,
 }
@@ -64,8 +63,7 @@ struct Inner {
     // because it is locked inside those blocking closures, never across an await.
     // Declared before `_lock` so that the database is closed before the lock is released.
     conn: Mutex<Connection>,
-    // `None` for `:memory:`.
-    file: Option<FileIdentity>,
+    file: FileIdentity,
     // Held, never read: the exclusive lock on `<dir>/LOCK` lives as long as this file handle.
     _lock: Option<File>,
 }
@@ -78,23 +76,6 @@ struct FileIdentity {
 }
 
 impl SqliteStore {
-    /// A store in memory: nothing touches the disk, so operations run inline instead of in the
-    /// blocking pool.
-    pub fn memory() -> Self {
-        // Opening an in-memory database allocates and cannot fail short of memory exhaustion.
-        #[allow(clippy::expect_used)]
-        let conn = Connection::open_in_memory().expect("SQLite opens an in-memory database");
-        #[allow(clippy::expect_used)]
-        prepare(&conn, ":memory:").expect("SQLite prepares an in-memory database");
-        Self {
-            inner: Arc::new(Inner {
-                conn: Mutex::new(conn),
-                file: None,
-                _lock: None,
-            }),
-        }
-    }
-
     /// Opens (creating if needed) the embedded store `decisions.sqlite3` in `state_dir`,
     /// creating the directory too. Fails with [`StoreError::InUse`] while another store has
     /// the same directory open.
@@ -112,10 +93,10 @@ impl SqliteStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
-                file: Some(FileIdentity {
+                file: FileIdentity {
                     id: file_id(&path),
                     path,
-                }),
+                },
                 _lock: Some(lock),
             }),
         })
@@ -152,10 +133,25 @@ impl SqliteStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
-                file: Some(FileIdentity { id: None, path }),
+                file: FileIdentity { id: None, path },
                 _lock: None,
             }),
         })
+    }
+
+    pub(super) async fn claim_new(&self, job_id: &str, owner: &str) -> Result<bool, StoreError> {
+        let (id, owner, now) = (job_id.to_owned(), owner.to_owned(), now_ms());
+        self.run("claim_new", move |conn| {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO decisions (job_id, state, owner, event, outcome, updated_at)
+                     VALUES (?1, 'claimed', ?2, NULL, NULL, ?3)
+                     ON CONFLICT (job_id) DO NOTHING",
+                )?
+                .execute(params![id, owner, now])?;
+            Ok(inserted == 1)
+        })
+        .await
     }
 
     pub(super) async fn try_claim(
@@ -329,9 +325,8 @@ impl SqliteStore {
     /// Answers when the database answers and its file is still the one that was opened: a
     /// file deleted or replaced under a running store would lose every decision on restart.
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
-        if let Some(file) = &self.inner.file
-            && file.id.is_some()
-        {
+        let file = &self.inner.file;
+        if file.id.is_some() {
             let now = file_id(&file.path);
             if now != file.id {
                 return Err(StoreError::Vanished {
@@ -352,27 +347,18 @@ impl SqliteStore {
     }
 
     pub(super) fn describe(&self) -> String {
-        match &self.inner.file {
-            None => "memory".to_owned(),
-            Some(file) => format!("file:{}", file.path.display()),
-        }
+        format!("file:{}", self.inner.file.path.display())
     }
 
-    /// Runs `f` on the connection: inline for `:memory:` (no I/O to wait for), in the blocking
-    /// pool for a file. A file operation runs to completion even when the future awaiting it
-    /// is dropped: a cancelled `try_claim` may still have claimed the job.
+    /// Runs `f` on the connection in the blocking pool. It runs to completion even when the
+    /// future awaiting it is dropped: a cancelled `try_claim` may still have claimed the job.
     async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let result = if self.inner.file.is_none() {
-            Ok(f(&mut lock(&self.inner.conn)))
-        } else {
-            let inner = Arc::clone(&self.inner);
-            tokio::task::spawn_blocking(move || f(&mut lock(&inner.conn))).await
-        };
-        match result {
+        let inner = Arc::clone(&self.inner);
+        match tokio::task::spawn_blocking(move || f(&mut lock(&inner.conn))).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(source)) => Err(StoreError::Query {
                 store: self.describe(),
@@ -488,27 +474,25 @@ fn prepare(conn: &Connection, store: &str) -> Result<(), StoreError> {
     // rather than fail.
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(open_error("setting busy_timeout"))?;
-    if store != ":memory:" {
-        // WAL: a commit is one append and one fsync, and readers do not block the writer.
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(open_error("switching to WAL"))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            // Some network file systems cannot share memory between processes, which WAL
-            // needs. The rollback journal with synchronous=FULL is just as durable, only slower.
-            tracing::warn!(
-                store,
-                mode,
-                "decision store: WAL unavailable, using the rollback journal"
-            );
-        }
-        // FULL, not WAL's usual NORMAL: every commit is fsynced before it returns. A decision
-        // is acknowledged to the broker right after it is recorded, so it must survive a power
-        // loss, not just a crash of this process; NORMAL could lose the last commits to a power
-        // cut and then the redelivered job would be dialled again.
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_error("setting synchronous=FULL"))?;
+    // WAL: a commit is one append and one fsync, and readers do not block the writer.
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(open_error("switching to WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        // Some network file systems cannot share memory between processes, which WAL
+        // needs. The rollback journal with synchronous=FULL is just as durable, only slower.
+        tracing::warn!(
+            store,
+            mode,
+            "decision store: WAL unavailable, using the rollback journal"
+        );
     }
+    // FULL, not WAL's usual NORMAL: every commit is fsynced before it returns. A decision
+    // is acknowledged to the broker right after it is recorded, so it must survive a power
+    // loss, not just a crash of this process; NORMAL could lose the last commits to a power
+    // cut and then the redelivered job would be dialled again.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(open_error("setting synchronous=FULL"))?;
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(open_error("starting the schema transaction"))?;
     let migrated = (|| {
@@ -563,7 +547,7 @@ fn read_row(conn: &Connection, job_id: &str) -> rusqlite::Result<Option<RawRow>>
 /// Runs `body` in an immediate transaction, committed when it returns `Ok` and rolled back
 /// otherwise (also when it panics). `BEGIN IMMEDIATE` and `COMMIT` are cached statements:
 /// rusqlite's `Transaction` parses both again on every call, which was about a sixth of the
-/// store's time per job with the `:memory:` store (a claim and a decision per job).
+/// store's CPU time per job (a claim and a decision per job).
 fn immediate<T>(
     conn: &Connection,
     body: impl FnOnce(&Connection) -> rusqlite::Result<T>,
@@ -607,7 +591,8 @@ mod tests {
 
     #[test]
     fn a_failed_transaction_is_rolled_back_and_the_next_one_commits() {
-        let store = SqliteStore::memory();
+        let dir = TempDir::new();
+        let store = SqliteStore::open(&dir.0).unwrap();
         let conn = lock(&store.inner.conn);
         let insert = |conn: &Connection, id: &str| {
             conn.execute(

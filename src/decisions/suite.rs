@@ -173,6 +173,39 @@ async fn claim_new_then_again() {
 }
 
 #[tokio::test]
+async fn claim_new_claims_only_a_job_without_a_record() {
+    for Backend { store, .. } in backends().await {
+        let what = store.describe();
+        let claimed_by_w1 = Some(JobState::Claimed { owner: "w1".into() });
+        assert!(store.claim_new("j1", "w1").await.unwrap(), "{what}");
+        assert_eq!(store.get("j1").await.unwrap(), claimed_by_w1, "{what}");
+        // Any record refuses it and is left as it was: a claim, a waiting mark, a decision.
+        assert!(!store.claim_new("j1", "w1").await.unwrap(), "{what}");
+        assert!(!store.claim_new("j1", "w2").await.unwrap(), "{what}");
+        assert_eq!(store.get("j1").await.unwrap(), claimed_by_w1, "{what}");
+        store.set_waiting("j1", "w1").await.unwrap();
+        assert!(!store.claim_new("j1", "w2").await.unwrap(), "{what}");
+        assert_eq!(
+            store.get("j1").await.unwrap(),
+            Some(JobState::Waiting),
+            "{what}"
+        );
+        store.decide("j1", b"first").await.unwrap();
+        assert!(!store.claim_new("j1", "w2").await.unwrap(), "{what}");
+        assert_eq!(
+            store.get("j1").await.unwrap(),
+            Some(JobState::Decided {
+                event: b"first".to_vec()
+            }),
+            "{what}"
+        );
+        // A decision set aside for a replay leaves no record: the job is new again.
+        assert!(store.forget_decision("j1").await.unwrap(), "{what}");
+        assert!(store.claim_new("j1", "w3").await.unwrap(), "{what}");
+    }
+}
+
+#[tokio::test]
 async fn a_forgotten_decision_can_be_claimed_again_and_claims_are_not_forgotten() {
     for Backend { store, .. } in backends().await {
         let what = store.describe();
@@ -382,8 +415,8 @@ async fn owner_liveness() {
         store.heartbeat("other").await.unwrap();
         let other_alive = store.owner_alive("other", "me").await.unwrap();
         match &store {
-            // One process per file: any other owner is a process that stopped.
-            DecisionStore::Sqlite(_) => assert!(!other_alive, "{what}"),
+            // One process per file or map: any other owner is a process that stopped.
+            DecisionStore::Sqlite(_) | DecisionStore::Memory(_) => assert!(!other_alive, "{what}"),
             // A fresh lease is alive; none, or a given-up one, is gone.
             DecisionStore::Postgres(_) => {
                 assert!(other_alive, "{what}");
@@ -426,6 +459,17 @@ async fn concurrent_claims_on_one_job_have_one_winner() {
         };
         assert_eq!(losers.len(), 199, "{what}");
         assert!(losers.iter().all(|s| *s == winner), "{what}");
+
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            let store = Arc::clone(&store);
+            tasks.spawn(async move { store.claim_new("contended-new", &format!("w{i}")).await });
+        }
+        let mut claims = 0;
+        while let Some(joined) = tasks.join_next().await {
+            claims += usize::from(joined.unwrap().unwrap());
+        }
+        assert_eq!(claims, 1, "{what}: new claims on one job");
     }
 }
 
