@@ -294,16 +294,24 @@ impl Pipeline {
                 return publish(event);
             }
         };
-        // The correlation id is the publisher's text: Debug-quoted so it cannot forge a log line.
+        // Every line the job logs repeats its span's fields, so the ones that are usually
+        // unremarkable are recorded only when they say something.
         let span = tracing::info_span!(
             "job",
             job_id = %job.job_id,
             attempts = progress.attempts,
-            arrival = ?arrival,
+            arrival = arrival.as_str(),
             exchange = incoming.exchange,
-            redelivered = incoming.redelivered,
-            correlation_id = ?incoming.correlation_id,
+            redelivered = tracing::field::Empty,
+            correlation_id = tracing::field::Empty,
         );
+        if incoming.redelivered {
+            span.record("redelivered", true);
+        }
+        if let Some(correlation_id) = incoming.correlation_id {
+            // The publisher's text: Debug-quoted so it cannot forge a log line.
+            span.record("correlation_id", tracing::field::debug(correlation_id));
+        }
         self.claim_and_decide(job, arrival, &mut progress)
             .instrument(span)
             .await
@@ -325,78 +333,79 @@ impl Pipeline {
         if let Some(verdict) = self.write_unwritten_one(&id).await? {
             return Ok(verdict);
         }
-        // A claim can change hands while this copy waits for it (its owner gave the job back):
-        // then this copy claims again, a bounded number of times.
-        let mut rounds = 0;
-        let guard = loop {
-            rounds += 1;
-            let existing = self.store.get(&id).await.map_err(store_failure)?;
-            let holder = match (existing, arrival) {
-                (None, _) | (Some(JobState::Waiting), Arrival::Retry | Arrival::Replay) => None,
-                (Some(JobState::Decided { event }), Arrival::Replay) if reopenable(&event) => {
-                    tracing::info!(
-                        "replayed from the dead-letter queue: its earlier decision is set aside"
-                    );
-                    self.store
-                        .forget_decision(&id)
-                        .await
-                        .map_err(store_failure)?;
-                    None
-                }
-                (Some(JobState::Decided { event }), Arrival::Retry | Arrival::Replay) => {
-                    return Ok(republish(event));
-                }
-                (Some(JobState::Claimed { owner }), Arrival::Retry | Arrival::Replay) => {
-                    Some(owner)
-                }
-                (Some(_), Arrival::New) => return Ok(self.duplicate(&job, progress)),
-            };
-            let holder = match holder {
-                Some(owner) => owner,
-                // Registered as in flight *before* the claim, so a copy of the job arriving in
-                // this process while the claim is written finds it and waits for its decision
-                // instead of taking the fresh claim for a leftover one.
-                None => match self.start_in_flight(&id) {
-                    None if arrival == Arrival::New => return Ok(self.duplicate(&job, progress)),
-                    // Another copy is being decided by this process right now: wait for it.
-                    None => self.owner.clone(),
-                    Some(guard) => match self
-                        .store
-                        .try_claim(&id, &self.owner)
-                        .await
-                        .map_err(store_failure)?
-                    {
-                        ClaimResult::Claimed => break guard,
-                        // A new message whose job id was claimed or decided while it was being
-                        // looked up: the CRM sent it twice.
-                        ClaimResult::Existing(_) if arrival == Arrival::New => {
-                            return Ok(self.duplicate(&job, progress));
-                        }
-                        // Another copy of the job got there first (a redelivery racing its
-                        // delayed copy).
-                        ClaimResult::Existing(JobState::Decided { event }) => {
-                            return Ok(republish(event));
-                        }
-                        ClaimResult::Existing(JobState::Claimed { owner }) => owner,
-                        ClaimResult::Existing(JobState::Waiting) => {
-                            return Ok(self.duplicate(&job, progress));
-                        }
-                    },
-                },
-            };
-            match self.claimed_elsewhere(&job, &holder, progress).await? {
-                Held::Done(verdict) => return Ok(verdict),
-                Held::Ours => {
-                    if let Some(guard) = self.start_in_flight(&id) {
-                        break guard;
-                    }
-                }
-                Held::Released => {}
+        let guard = if arrival == Arrival::New {
+            // Any record of a new message's job makes it a duplicate: one claim that succeeds
+            // only on an unknown job decides, where a read and then a claim took two.
+            match self.claim_new(&id).await? {
+                Some(guard) => guard,
+                None => return Ok(self.duplicate(&job, progress)),
             }
-            if rounds >= 3 {
-                return Ok(Verdict::Requeue {
-                    reason: "the job's claim kept changing hands",
-                });
+        } else {
+            // The same job again (redelivered, back from a delay tier, or replayed): what is
+            // recorded decides. A claim can change hands while this copy waits for it (its
+            // owner gave the job back): then this copy claims again, a bounded number of times.
+            let mut rounds = 0;
+            loop {
+                rounds += 1;
+                let existing = self.store.get(&id).await.map_err(store_failure)?;
+                let holder = match existing {
+                    None | Some(JobState::Waiting) => None,
+                    Some(JobState::Decided { event })
+                        if arrival == Arrival::Replay && reopenable(&event) =>
+                    {
+                        tracing::info!(
+                            "replayed from the dead-letter queue: its earlier decision is set aside"
+                        );
+                        self.store
+                            .forget_decision(&id)
+                            .await
+                            .map_err(store_failure)?;
+                        None
+                    }
+                    Some(JobState::Decided { event }) => return Ok(republish(event)),
+                    Some(JobState::Claimed { owner }) => Some(owner),
+                };
+                let holder = match holder {
+                    Some(owner) => owner,
+                    // Registered as in flight *before* the claim, so a copy of the job arriving in
+                    // this process while the claim is written finds it and waits for its decision
+                    // instead of taking the fresh claim for a leftover one.
+                    None => match self.start_in_flight(&id) {
+                        // Another copy is being decided by this process right now: wait for it.
+                        None => self.owner.clone(),
+                        Some(guard) => match self
+                            .store
+                            .try_claim(&id, &self.owner)
+                            .await
+                            .map_err(store_failure)?
+                        {
+                            ClaimResult::Claimed => break guard,
+                            // Another copy of the job got there first (a redelivery racing its
+                            // delayed copy).
+                            ClaimResult::Existing(JobState::Decided { event }) => {
+                                return Ok(republish(event));
+                            }
+                            ClaimResult::Existing(JobState::Claimed { owner }) => owner,
+                            ClaimResult::Existing(JobState::Waiting) => {
+                                return Ok(self.duplicate(&job, progress));
+                            }
+                        },
+                    },
+                };
+                match self.claimed_elsewhere(&job, &holder, progress).await? {
+                    Held::Done(verdict) => return Ok(verdict),
+                    Held::Ours => {
+                        if let Some(guard) = self.start_in_flight(&id) {
+                            break guard;
+                        }
+                    }
+                    Held::Released => {}
+                }
+                if rounds >= 3 {
+                    return Ok(Verdict::Requeue {
+                        reason: "the job's claim kept changing hands",
+                    });
+                }
             }
         };
         let verdict = self.dial(&job, progress).await;
@@ -418,7 +427,13 @@ impl Pipeline {
                     }
                 };
                 guard.decided.send_replace(Some(in_force.clone()));
-                Ok(republish(in_force))
+                if in_force == bytes {
+                    // The usual case: this decision is the one in force, so the event built
+                    // above is published as it is, not read back from its bytes.
+                    Ok(Verdict::Publish { event, bytes })
+                } else {
+                    Ok(republish(in_force))
+                }
             }
             Step::Delay { wait } => {
                 // Not dialled again before the delay: if the mark cannot be written, the job
@@ -443,6 +458,21 @@ impl Pipeline {
                 Ok(Verdict::Requeue { reason })
             }
         }
+    }
+
+    /// Claims a new message's job, only when the store has no record of it; `None` when it
+    /// has one, or when a copy of the job is being decided in this process.
+    async fn claim_new(&self, id: &str) -> Result<Option<InFlight<'_>>, SystemicFailure> {
+        // Registered as in flight *before* the claim, as for the same job again below.
+        let Some(guard) = self.start_in_flight(id) else {
+            return Ok(None);
+        };
+        let claimed = self
+            .store
+            .claim_new(id, &self.owner)
+            .await
+            .map_err(store_failure)?;
+        Ok(claimed.then_some(guard))
     }
 
     /// Marks the job as being decided by this process, unless a copy of it already is
@@ -959,6 +989,15 @@ pub enum Arrival {
 }
 
 impl Arrival {
+    /// `new`, `retry` or `replay`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Retry => "retry",
+            Self::Replay => "replay",
+        }
+    }
+
     /// From the broker's redelivered flag and the marks believed on the delivery (none unless
     /// it came through the internal route).
     pub fn of(redelivered: bool, marks: &Marks) -> Self {
