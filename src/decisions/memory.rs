@@ -1,6 +1,6 @@
 //! The `memory` backend: a map behind a mutex, for tests and benchmarks. It forgets everything
-//! when the process exits, so it is refused where a decision must outlive the process (see
-//! `docs/decisions.md`).
+//! when the process exits, so the worker warns at start that it is for tests only, and
+//! `dialer decisions` refuses it (see `docs/decisions.md`).
 //!
 //! Its own backend rather than SQLite `:memory:` because it sits on the hot path of every
 //! throughput measurement: SQLite's statements (parse of the bound values, B-tree writes, the
